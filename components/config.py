@@ -1,0 +1,52 @@
+"""The one place that says which image and which resources each component gets.
+
+A new image tag is one edit here, or ``VLPREP_IMAGE_REGISTRY`` / ``VLPREP_IMAGE_TAG`` at compile time
+(``make compile IMAGE_REGISTRY=... TAG=...``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+REGISTRY = os.environ.get("VLPREP_IMAGE_REGISTRY", "ghcr.io/vlprep")
+TAG = os.environ.get("VLPREP_IMAGE_TAG", "0.1.0")
+
+IMAGES = {
+    "cpu": f"{REGISTRY}/vlprep-cpu:{TAG}",  # images/cpu.Dockerfile
+    "gpu": f"{REGISTRY}/vlprep-gpu:{TAG}",  # images/gpu.Dockerfile
+}
+
+GPU_TYPE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class Resources:
+    image: str
+    cpu: str
+    memory: str
+    gpus: int = 0
+    retries: int = 2
+
+
+# component name -> image and resources (requests == limits: predictable scheduling)
+COMPONENTS = {
+    "captions_plan": Resources("cpu", cpu="1", memory="2Gi"),
+    "captions_extract": Resources("cpu", cpu="1", memory="2Gi"),
+    "captions_merge": Resources("cpu", cpu="1", memory="2Gi"),
+}
+
+
+def image(component: str) -> str:
+    return IMAGES[COMPONENTS[component].image]
+
+
+def configure(task, component: str):
+    """Apply the component's declared resources, GPU and retry policy to a pipeline task."""
+    r = COMPONENTS[component]
+    task.set_cpu_request(r.cpu).set_cpu_limit(r.cpu)
+    task.set_memory_request(r.memory).set_memory_limit(r.memory)
+    if r.gpus:
+        task.set_accelerator_type(GPU_TYPE).set_accelerator_limit(r.gpus)
+    task.set_retry(num_retries=r.retries, backoff_duration="30s", backoff_factor=2.0)
+    return task

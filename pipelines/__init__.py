@@ -1,0 +1,14 @@
+"""KFP pipelines: one per workflow, plus ``demo`` composing them. Registry in ``PIPELINES``."""
+
+from vlprep_pipelines import demo as _demo
+from vlprep_pipelines.captions import captions
+
+PIPELINES = {
+    "captions": captions,
+    "demo": _demo.demo,
+}
+
+# pipeline -> function(sample_dir, run_dir) giving the parameters of a local run on the sample
+LOCAL_PARAMS = {
+    "demo": _demo.local_params,
+}

@@ -1,0 +1,31 @@
+"""Caption annotations (VOLTA jsonl) with a real fan-out: plan, ParallelFor extract, Collected merge.
+
+Captions are cheap; the fan-out is here to prove the mechanism every GPU stage uses.
+"""
+
+from kfp import dsl
+from vlprep_components.captions import captions_extract, captions_merge, captions_plan
+from vlprep_components.config import configure
+
+PARALLELISM = 8  # a literal: KFP needs it at compile time
+
+
+@dsl.pipeline(name="captions", description="Karpathy split file -> VOLTA caption annotations (jsonl)")
+def captions(
+    karpathy: str,
+    out: str,
+    dataset: str = "coco",
+    test1k_ids: str = "",
+    num_shards: int = 4,
+):
+    plan = configure(captions_plan(karpathy=karpathy, dataset=dataset, out=out, num_shards=num_shards),
+                     "captions_plan")
+    with dsl.ParallelFor(plan.output, parallelism=PARALLELISM) as spec:
+        extract = configure(
+            captions_extract(spec=spec, karpathy=karpathy, dataset=dataset, test1k_ids=test1k_ids),
+            "captions_extract",
+        )
+    configure(
+        captions_merge(shards=dsl.Collected(extract.output), dataset=dataset, out=out, test1k_ids=test1k_ids),
+        "captions_merge",
+    )

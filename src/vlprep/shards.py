@@ -1,0 +1,192 @@
+"""The shard protocol every fanned-out stage follows.
+
+1. ``plan`` sorts the items once, splits them into N contiguous shards and writes the plan to
+   ``{root}/plan.json``. It returns small shard specs (index, count, plan URI) — what a KFP
+   ParallelFor iterates over; the item lists themselves stay in the store.
+2. A shard writes its parts under ``{root}/shard-IIIII-of-NNNNN/`` and then, last, a done-marker
+   ``{root}/shard-IIIII-of-NNNNN.done.json`` (item count, bytes and sha256 of every part, versions,
+   failed items). ``run_shard`` skips a shard whose marker verifies and redoes any other.
+3. ``collect`` (the merge step) refuses to go on if a shard's marker is missing or does not match
+   its parts or the plan, and names the shard.
+
+Shards are contiguous ranges of the sorted list, so concatenating parts in shard order gives the
+same bytes whatever N is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from vlprep import VlprepError, __version__, storage
+
+SPLITS = ("balanced", "group")
+
+
+def split_bounds(total: int, num_shards: int, split: str = "balanced") -> list[tuple[int, int]]:
+    """[start, end) of each shard.
+
+    ``balanced``: sizes differ by at most one.
+    ``group``: upstream's ``--group_id/--total_group`` split as it ran under Python 2
+    (``per_num = total // total_group``; group g gets ``[g*per_num, (g+1)*per_num)`` and the last
+    group everything to the end).
+    """
+    if num_shards < 1:
+        raise VlprepError(f"num_shards must be >= 1 (got {num_shards})")
+    if split == "balanced":
+        base, extra = divmod(total, num_shards)
+        bounds, start = [], 0
+        for i in range(num_shards):
+            end = start + base + (1 if i < extra else 0)
+            bounds.append((start, end))
+            start = end
+        return bounds
+    if split == "group":
+        per = total // num_shards
+        return [(g * per, total if g == num_shards - 1 else (g + 1) * per) for g in range(num_shards)]
+    raise VlprepError(f"unknown shard split {split!r}; use one of {', '.join(SPLITS)}")
+
+
+def _digest(items: Sequence) -> str:
+    return hashlib.sha256(json.dumps(list(items), ensure_ascii=False).encode()).hexdigest()
+
+
+def versions() -> dict:
+    """Versions of the packages that shape outputs (read from metadata, nothing imported)."""
+    from importlib import metadata
+
+    out = {"vlprep": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "torch", "torchvision", "open_clip_torch", "faiss-cpu", "faiss-gpu", "h5py", "lmdb", "kfp"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def plan(items: Sequence, num_shards: int, root: str, split: str = "balanced", sort: bool = True) -> list[dict]:
+    """Write ``{root}/plan.json`` and return one spec per shard: ``{"index", "count", "plan"}``."""
+    items = sorted(items) if sort else list(items)
+    if len(set(map(str, items))) != len(items):
+        raise VlprepError(f"{root}: the item list has duplicates; each item must appear once")
+    num_shards = max(1, min(num_shards, len(items))) if items else 1
+    bounds = split_bounds(len(items), num_shards, split)
+    doc = {
+        "items": items,
+        "bounds": bounds,
+        "split": split,
+        "shards": [_digest(items[s:e]) for s, e in bounds],
+    }
+    uri = storage.join(root, "plan.json")
+    storage.write_text(uri, json.dumps(doc, ensure_ascii=False))
+    return [{"index": i, "count": num_shards, "plan": uri} for i in range(num_shards)]
+
+
+@dataclass
+class Shard:
+    index: int
+    count: int
+    items: list
+    digest: str
+    root: str
+
+    @property
+    def tag(self) -> str:
+        return f"shard-{self.index:05d}-of-{self.count:05d}"
+
+    def part(self, name: str) -> str:
+        """URI of one of this shard's output parts."""
+        return storage.join(self.root, self.tag, name)
+
+    @property
+    def marker(self) -> str:
+        return storage.join(self.root, f"{self.tag}.done.json")
+
+
+def load(spec: dict) -> Shard:
+    """The shard a spec (from ``plan``) names, with its items."""
+    index, count = int(spec["index"]), int(spec["count"])  # KFP may hand ints over as floats
+    uri = spec["plan"]
+    try:
+        doc = json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        raise VlprepError(f"{uri}: shard plan missing; run the plan step first") from None
+    if len(doc["bounds"]) != count or not 0 <= index < count:
+        raise VlprepError(f"{uri}: shard {index} of {count} does not match the plan ({len(doc['bounds'])} shards)")
+    s, e = doc["bounds"][index]
+    return Shard(index, count, doc["items"][s:e], doc["shards"][index], storage.parent(uri))
+
+
+def verify(shard: Shard) -> dict | None:
+    """The shard's marker if it exists and matches the plan and every part; otherwise None."""
+    try:
+        marker = json.loads(storage.read_text(shard.marker))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if marker.get("digest") != shard.digest or marker.get("items") != len(shard.items):
+        return None
+    for part in marker.get("parts", []):
+        uri = shard.part(part["name"])
+        if not storage.exists(uri) or storage.size(uri) != part["bytes"] or storage.sha256(uri) != part["sha256"]:
+            return None
+    return marker
+
+
+def run_shard(spec: dict, work: Callable[[Shard], dict], stage: str, params: dict | None = None) -> dict:
+    """Run ``work(shard)`` unless the shard is already done; then write its marker, last.
+
+    ``work`` writes its parts with ``shard.part(name)`` and returns
+    ``{"parts": [name, ...], "failed": [{"item": ..., "error": ...}], **stats}``.
+    """
+    shard = load(spec)
+    done = verify(shard)
+    if done is not None:
+        return {**done, "skipped": True}
+    t0 = time.time()
+    result = dict(work(shard))
+    parts = []
+    for name in result.pop("parts"):
+        uri = shard.part(name)
+        parts.append({"name": name, "bytes": storage.size(uri), "sha256": storage.sha256(uri)})
+    marker = {
+        "stage": stage,
+        "shard": shard.index,
+        "count": shard.count,
+        "items": len(shard.items),
+        "digest": shard.digest,
+        "parts": parts,
+        "failed": result.pop("failed", []),
+        "params": params or {},
+        "versions": versions(),
+        "seconds": round(time.time() - t0, 3),
+        **result,
+    }
+    storage.write_text(shard.marker, json.dumps(marker, indent=1, ensure_ascii=False))
+    return {**marker, "skipped": False}
+
+
+def collect(plan_uri: str) -> list[tuple[Shard, dict]]:
+    """Every shard of a plan with its verified marker, in shard order.
+
+    Raises naming the first shard that is missing or inconsistent: the merge must not run.
+    """
+    try:
+        doc = json.loads(storage.read_text(plan_uri))
+    except FileNotFoundError:
+        raise VlprepError(f"{plan_uri}: shard plan missing; run the plan step first") from None
+    count = len(doc["bounds"])
+    out = []
+    for i in range(count):
+        shard = load({"index": i, "count": count, "plan": plan_uri})
+        marker = verify(shard)
+        if marker is None:
+            why = "has no done-marker" if not storage.exists(shard.marker) else "does not match its marker or the plan"
+            raise VlprepError(
+                f"{shard.marker}: shard {i} of {count} {why}; rerun the extraction step (done shards are skipped)"
+            )
+        out.append((shard, marker))
+    return out
