@@ -52,6 +52,8 @@ def run_local(name: str, params: dict, pipeline_root: str | Path):
     with warnings.catch_warnings():
         # our images are not named "python"; locally the components run in this interpreter anyway
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        # resources and GPU settings are for the cluster; locally they are ignored by design
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         return get(name)(**params)
 
 

@@ -1,0 +1,49 @@
+"""Per-component tests: each component's compiled command run in a subprocess with a KFP executor input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kfp_harness import load, run_component
+
+
+def test_caption_components_chain(tmp_path, sample):
+    spec, _ = load("captions")
+    out = tmp_path / "store"
+    karpathy, ids = str(sample / "dataset_coco.json"), str(sample / "test1k_ids.txt")
+    vals, _ = run_component(spec, "captions-plan",
+                            {"karpathy": karpathy, "dataset": "coco", "out": str(out), "num_shards": 3},
+                            tmp_path / "plan")
+    shards = vals["Output"]
+    assert [s["index"] for s in shards] == [0, 1, 2] and all(s["count"] == 3 for s in shards)
+    done = []
+    for s in shards:
+        vals, _ = run_component(spec, "captions-extract",
+                                {"spec": s, "karpathy": karpathy, "dataset": "coco", "test1k_ids": ids},
+                                tmp_path / f"extract{s['index']}")
+        done.append(vals["Output"])
+        assert vals["Output"]["skipped"] is False and vals["Output"]["failed"] == []
+    assert sum(d["items"] for d in done) == 6
+    # a retried pod finds its shard done and skips it
+    vals, _ = run_component(spec, "captions-extract",
+                            {"spec": shards[0], "karpathy": karpathy, "dataset": "coco", "test1k_ids": ids},
+                            tmp_path / "again")
+    assert vals["Output"]["skipped"] is True
+    vals, arts = run_component(spec, "captions-merge",
+                               {"shards": done, "dataset": "coco", "out": str(out), "test1k_ids": ids},
+                               tmp_path / "merge")
+    assert vals["Output"]["files"]["train_ann.jsonl"] == 3
+    assert "| train_ann.jsonl | 3 |" in Path(arts["report"]).read_text()
+    assert (out / "test1k_ann.jsonl").read_text().count("\n") == 2
+
+
+def test_component_failure_is_a_failed_pod(tmp_path):
+    spec, _ = load("captions")
+    try:
+        run_component(spec, "captions-plan",
+                      {"karpathy": str(tmp_path / "missing.json"), "dataset": "coco", "out": str(tmp_path), "num_shards": 1},
+                      tmp_path / "plan")
+    except AssertionError as e:
+        assert "missing.json: no such file" in str(e)
+    else:
+        raise AssertionError("a plan over a missing file succeeded")

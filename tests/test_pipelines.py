@@ -1,0 +1,128 @@
+"""Pipelines: golden compiled IR, structure (images, resources, GPU, retry, fan-out), local runs."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+from kfp_harness import COMPILED, REPO
+from vlprep_components import config
+from vlprep_pipelines import PIPELINES, engine
+
+NAMES = sorted(PIPELINES)
+
+
+def _strip_version(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if "sdkVersion" not in line)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Path:
+    """Every pipeline compiled now, with the default registry and tag."""
+    out = tmp_path_factory.mktemp("compiled")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLPREP_IMAGE")}
+    code = "import sys; from vlprep_pipelines import engine; engine.compile_all(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(out)], env=env, check=True)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_golden_compiled_yaml_is_current(fresh, name):
+    """pipelines/compiled/ is what `make compile` gives: a change to a pipeline shows in review."""
+    golden = COMPILED / f"{name}.yaml"
+    assert golden.exists(), f"run `make compile` to create {golden}"
+    assert _strip_version((fresh / f"{name}.yaml").read_text()) == _strip_version(golden.read_text()), (
+        f"{golden} is stale: run `make compile` and commit it")
+
+
+def _docs(path: Path) -> list[dict]:
+    return list(yaml.safe_load_all(path.read_text()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ir_parses_as_pipeline_spec(fresh, name):
+    docs = _docs(fresh / f"{name}.yaml")
+    json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec())
+    if len(docs) > 1:
+        json_format.ParseDict(docs[1], pipeline_spec_pb2.PlatformSpec())
+
+
+def _tasks(dag: dict, components: dict):
+    """Every (task name, task, component name) in a DAG and its sub-DAGs."""
+    for tname, task in dag.get("tasks", {}).items():
+        cname = task["componentRef"]["name"]
+        comp = components[cname]
+        yield tname, task, cname
+        if "dag" in comp:
+            yield from _tasks(comp["dag"], components)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_structure(fresh, name):
+    spec = _docs(fresh / f"{name}.yaml")[0]
+    comps, execs = spec["components"], spec["deploymentSpec"]["executors"]
+    leaf = 0
+    for tname, task, cname in _tasks(spec["root"]["dag"], comps):
+        comp = comps[cname]
+        if "dag" in comp:
+            continue
+        leaf += 1
+        declared = config.COMPONENTS[re.sub(r"-\d+$", "", cname.removeprefix("comp-")).replace("-", "_")]
+        container = execs[comp["executorLabel"]]["container"]
+        assert container["image"] == config.IMAGES[declared.image], tname
+        assert "pip install" not in " ".join(container["command"]), f"{tname} installs packages at pod start"
+        res = container["resources"]
+        assert res["resourceCpuRequest"] == res["resourceCpuLimit"] == declared.cpu, tname
+        assert res["resourceMemoryRequest"] == res["resourceMemoryLimit"] == declared.memory, tname
+        if "accelerator" in res or declared.gpus:
+            acc = res["accelerator"]
+            assert acc["resourceType"] == config.GPU_TYPE, f"{tname}: GPU limit without accelerator type"
+            assert int(acc["resourceCount"]) == declared.gpus, tname
+        assert task["retryPolicy"]["maxRetryCount"] == declared.retries, tname
+    assert leaf >= 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fan_out_has_compile_time_parallelism(fresh, name):
+    spec = _docs(fresh / f"{name}.yaml")[0]
+    loops = [task for _, task, _ in _tasks(spec["root"]["dag"], spec["components"]) if "parameterIterator" in task]
+    assert loops, f"{name} has no ParallelFor"
+    for task in loops:
+        assert task["iteratorPolicy"]["parallelismLimit"] >= 1
+
+
+def test_local_captions_run_equals_direct_stage(tmp_path, sample):
+    from vlprep.stages import captions
+
+    params = {"karpathy": str(sample / "dataset_coco.json"), "test1k_ids": str(sample / "test1k_ids.txt"),
+              "out": str(tmp_path / "local"), "num_shards": 3}
+    task = engine.run_local("captions", params, tmp_path / "root")
+    del task
+    captions.run(params["karpathy"], "coco", str(tmp_path / "direct"), params["test1k_ids"], num_shards=1)
+    names = sorted(p.name for p in (tmp_path / "direct").glob("*.jsonl"))
+    assert names == ["test1k_ann.jsonl", "test_ann.jsonl", "train_ann.jsonl", "valid_ann.jsonl"]
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "local", tmp_path / "direct", names, shallow=False)
+    assert match == names, (mismatch, errors)
+    # three shards ran: three verified markers
+    assert len(list((tmp_path / "local" / "_work" / "captions").glob("*.done.json"))) == 3
+
+
+def test_make_run_equivalent_writes_run_record(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vlprep.cli", "run", "demo", "--local", "--run-name", "t",
+                        "--runs-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = yaml.safe_load((tmp_path / "t" / "run.json").read_text())
+    assert run["pipeline"] == "demo" and run["versions"]["kfp"].startswith("2.17")
+    assert run["git_commit"] is None or len(run["git_commit"]) == 40
+    assert str(tmp_path / "t" / "mscoco" / "annotations" / "train_ann.jsonl") in run["outputs"]
+    for path in run["outputs"]:
+        assert path in r.stdout, f"{path} not printed"
+    assert "Run report:" in r.stdout
