@@ -126,3 +126,20 @@ def test_make_run_equivalent_writes_run_record(tmp_path):
     for path in run["outputs"]:
         assert path in r.stdout, f"{path} not printed"
     assert "Run report:" in r.stdout
+
+
+def test_run_with_config_file_and_compile_cli(tmp_path, sample):
+    from vlprep.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"karpathy: {sample / 'dataset_coco.json'}\nnum_shards: 2\n")
+    assert main(["run", "captions", "--local", "--config", str(cfg), "--run-name", "c", "--runs-dir",
+                 str(tmp_path)]) == 0
+    run = yaml.safe_load((tmp_path / "c" / "run.json").read_text())
+    assert run["params"]["num_shards"] == 2 and run["params"]["out"] == str(tmp_path / "c")
+    assert (tmp_path / "c" / "valid_ann.jsonl").exists()
+    assert main(["compile", "captions", "--out", str(tmp_path / "ir")]) == 0
+    assert _docs(tmp_path / "ir" / "captions.yaml")[0]["pipelineInfo"]["name"] == "captions"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("karpathy: [unclosed\n")
+    assert main(["run", "captions", "--local", "--config", str(bad)]) == 2
