@@ -1,0 +1,156 @@
+"""VOLTA retrieval ``hard_negative.pkl``: nearest training images by mean region feature.
+
+Structure (VOLTA ``volta/datasets/retrieval_dataset.py``; builder: vilbert-multi-task
+``scripts/generate_pool.py``, which VOLTA ships only as a download)::
+
+    {"train_image_list": [int image id, in train-jsonl order],
+     "train_hard_pool": int64 array [N, K]}   # K = 100
+
+Row i lists positions in ``train_image_list`` of the K images nearest to image i (euclidean
+distance between mean-pooled region features, nearest first); position 0 is i itself, as a
+BallTree queried with its own points returns. The loader draws a negative from positions
+``1 .. K-1`` (``np.random.randint(1, len(row))``) and applies ``int()``.
+
+Differences from the upstream builder:
+- Search is exact brute-force L2 with faiss (``faiss.knn``: the same computation as
+  ``IndexFlatL2.search``, without copying the features into an index), then the candidates are
+  re-ranked by float64 distances with ties broken by position, and i is put first even when other
+  images have identical features. BallTree's order among exact ties is not specified.
+- Upstream stores the pool as float64 (a ``pymp`` shared array); here it is int64.
+- With fewer than K training images the pool has N columns (every other image), which the loader
+  handles since it samples from ``len(row)``; fewer than 2 images raise.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+
+import faiss
+import numpy as np
+
+from vlprep import VlprepError
+from vlprep.formats.volta_lmdb import LmdbFeatureReader, dumps, lmdb_key, loads
+from vlprep.formats.volta_tsv import LXMERT_FIELDS, decode_row, iter_rows
+
+POOL_SIZE = 100
+
+
+def build_hard_negatives(
+    train_ids: Sequence[int],
+    features: Iterable[tuple[int, np.ndarray]],
+    *,
+    k: int = POOL_SIZE,
+    margin: int = 16,
+    batch: int = 256,
+) -> dict:
+    """``{"train_image_list", "train_hard_pool"}`` for ``train_ids`` (train-jsonl order).
+
+    ``features`` yields ``(image id, mean region feature)``, e.g. from ``mean_features_tsv``;
+    ids not in ``train_ids`` are skipped, a missing or repeated training id raises. Memory: one
+    float32 [N, D] matrix. ``margin`` extra faiss candidates per query are re-ranked exactly.
+    """
+    ids = [int(i) for i in train_ids]
+    position = {image_id: p for p, image_id in enumerate(ids)}
+    if len(position) != len(ids):
+        raise VlprepError("train image list has duplicate ids; each training image must appear once")
+    n = len(ids)
+    if n < 2:
+        raise VlprepError(f"hard negatives need at least 2 training images (got {n})")
+    matrix = None
+    filled = np.zeros(n, dtype=bool)
+    for image_id, feature in features:
+        p = position.get(int(image_id))
+        if p is None:
+            continue
+        feature = np.asarray(feature, dtype=np.float32).reshape(-1)
+        if matrix is None:
+            matrix = np.empty((n, feature.size), dtype=np.float32)
+        if filled[p]:
+            raise VlprepError(f"image {image_id} has two feature rows; deduplicate the feature files first")
+        if feature.size != matrix.shape[1]:
+            raise VlprepError(f"image {image_id}: feature size {feature.size}, others {matrix.shape[1]}")
+        matrix[p] = feature
+        filled[p] = True
+    if not filled.all():
+        missing = [ids[p] for p in np.flatnonzero(~filled)[:10]]
+        raise VlprepError(
+            f"{n - int(filled.sum())} training images have no features (first: {missing}); extract them first"
+        )
+    return {
+        "train_image_list": ids,
+        "train_hard_pool": nearest_neighbours(matrix, k, margin=margin, batch=batch),
+    }
+
+
+def nearest_neighbours(
+    x: np.ndarray, k: int = POOL_SIZE, *, margin: int = 16, batch: int = 256
+) -> np.ndarray:
+    """int64 [N, min(k, N)]: for each row of ``x``, itself then its nearest rows by L2, nearest first."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    k = min(k, n)
+    wanted = min(k + margin, n)
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, batch):
+        queries = x[start : start + batch]
+        _, candidates = faiss.knn(queries, x, wanted)
+        for row, (q, cand) in enumerate(zip(queries, candidates, strict=True)):
+            me = start + row
+            cand = np.unique(np.append(cand[cand >= 0], me))
+            diff = x[cand].astype(np.float64) - q.astype(np.float64)
+            dist = np.einsum("ij,ij->i", diff, diff)
+            dist[cand == me] = -1.0  # the query itself first, even among exact duplicates
+            order = np.lexsort((cand, dist))  # by distance, then by position
+            out[me] = cand[order[:k]]
+    return out
+
+
+def write_hard_negatives(path, pool: dict) -> None:
+    """Write ``hard_negative.pkl`` atomically (protocol 4, numpy 1.x names: VOLTA's Python 3.6 reads it)."""
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    doc = {
+        "train_hard_pool": np.asarray(pool["train_hard_pool"], dtype=np.int64),
+        "train_image_list": list(pool["train_image_list"]),
+    }
+    try:
+        with open(tmp, "xb") as f:
+            f.write(dumps(doc))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_hard_negatives(path) -> dict:
+    """Load a ``hard_negative.pkl`` (ours or a downloaded one) without running pickled code."""
+    with open(path, "rb") as f:
+        return loads(f.read())
+
+
+def mean_features_tsv(path, dataset: str) -> Iterator[tuple[int, np.ndarray]]:
+    """``(image id, mean of the region features)`` per row of a VOLTA or LXMERT TSV, streaming.
+
+    The id is the int of the LMDB key rule (COCO: the number after the last ``_``; Flickr: the id).
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in iter_rows(f, LXMERT_FIELDS, name=str(path)):  # the first 10 fields of either format
+            yield (
+                int(lmdb_key(row["img_id"], dataset)),
+                _mean(decode_row(row, keys=("features",))["features"]),
+            )
+
+
+def mean_features_lmdb(path, feature_size: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
+    """``(int(key), mean region feature)`` for every image of a VOLTA LMDB, in key order."""
+    with LmdbFeatureReader(path, feature_size=feature_size) as reader:
+        for key in reader.keys():
+            yield int(key), _mean(reader[key.decode()][0])
+
+
+def _mean(features: np.ndarray) -> np.ndarray:
+    return features.sum(axis=0) / len(features)  # float32, as upstream: sum(0) / num_boxes

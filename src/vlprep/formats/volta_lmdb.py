@@ -1,0 +1,436 @@
+"""VOLTA region-feature LMDB: streaming writer and a reader with VOLTA's loader semantics.
+
+Layout (VOLTA ``data/mscoco/convert_coco_lmdb.py``, ``data/flickr30k/convert_flickr30k_lmdb.py``):
+an LMDB directory; one entry per image, key by ``lmdb_key`` (COCO ``b"9"`` for
+``COCO_train2014_000000000009``, Flickr ``str(img_id)``), value = pickle of the TSV row as a dict
+of all 13 fields in field order, every value a str; plus ``b"keys"`` = pickled list of the image
+keys in insertion order.
+
+Differences from upstream, none visible to a reader:
+- Streaming: a write transaction is committed every ``commit_every`` records, so memory stays flat
+  (upstream writes everything in one transaction).
+- ``writemap`` is off: with it on (upstream COCO) LMDB sizes ``data.mdb`` to the whole 1 TiB map
+  (a sparse file, but copy tools and some file systems see 1 TiB). The 1 TiB map is only reserved
+  address space here; the file grows with the data.
+- The LMDB is built in a hidden sibling directory and renamed into place when complete, so a
+  half-built LMDB never exists under the final name.
+- Pickles use protocol 4 (VOLTA runs Python 3.6, which reads protocols <= 4; Python >= 3.8 would
+  write 5 by default). numpy arrays are pickled under their numpy 1.x names (``numpy.core``), so
+  a numpy 1.x reader can load them; numpy >= 2 writes ``numpy._core``, which numpy 1.x lacks.
+- Values are unpickled with a restricted unpickler (plain containers, str/bytes, numpy arrays and
+  scalars only): a downloaded LMDB cannot run code.
+"""
+
+from __future__ import annotations
+
+import binascii
+import csv
+import io
+import os
+import pickle
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+
+import lmdb
+import numpy as np
+
+from vlprep import VlprepError
+from vlprep.formats.volta_tsv import LXMERT_FIELDS, VOLTA_FIELDS, iter_rows, set_field_size_limit
+
+MAP_SIZE = 1 << 40  # 1 TiB, as upstream; address space only (writemap off)
+PICKLE_PROTOCOL = 4
+KEYS_KEY = b"keys"
+DATASETS = ("coco", "flickr30k")
+NUM_LOCS = (4, 5, 7)
+GLOBAL_FEATURE = (None, "first", "last")
+
+
+def lmdb_key(img_id, dataset: str) -> bytes:
+    """Upstream key rule: COCO ``str(int(img_id.split("_")[-1]))``, Flickr ``str(img_id)``."""
+    if dataset == "coco":
+        try:
+            return str(int(str(img_id).split("_")[-1])).encode()
+        except ValueError:
+            raise VlprepError(
+                f"COCO image id {img_id!r} does not end in _<number>; is this a COCO TSV?"
+            ) from None
+    if dataset == "flickr30k":
+        return str(img_id).encode()
+    raise VlprepError(f"unknown dataset {dataset!r} for the LMDB key rule; use one of {', '.join(DATASETS)}")
+
+
+# --- pickles --------------------------------------------------------------------------------------
+
+
+class _CompatPickler(pickle._Pickler):
+    """Pure-Python pickler that names numpy internals ``numpy.core.*`` (loadable by numpy 1.x and 2.x)."""
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", None) or ""
+        if module == "numpy._core" or module.startswith("numpy._core."):
+            name = name or obj.__qualname__
+            self.write(pickle.GLOBAL + f"numpy.core{module[len('numpy._core') :]}\n{name}\n".encode())
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def dumps(obj) -> bytes:
+    """Pickle readable by VOLTA's environment (Python 3.6, numpy 1.x): protocol 4, numpy 1.x names."""
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else [obj]
+    if all(type(v) in (str, bytes, int, float) for v in items):  # exact: np.float64 subclasses float
+        return pickle.dumps(obj, protocol=PICKLE_PROTOCOL)  # no numpy inside: the fast C pickler
+    buf = io.BytesIO()
+    _CompatPickler(buf, protocol=PICKLE_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    *(
+        (m, n)
+        for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for n in ("_reconstruct", "scalar")
+    ),
+    *((m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")),
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: only containers, str and numpy data are allowed"
+        )
+
+
+def loads(data: bytes):
+    """Unpickle containers, str/bytes and numpy arrays or scalars; anything else raises."""
+    return _SafeUnpickler(io.BytesIO(data)).load()
+
+
+# --- writer ---------------------------------------------------------------------------------------
+
+
+class LmdbWriter:
+    """Builds an LMDB under a hidden temp name and renames it to ``path`` when complete.
+
+    ``put`` adds one image; a transaction is committed every ``commit_every`` puts. ``close``
+    (or leaving the ``with`` block normally) writes ``b"keys"``, syncs and renames; an exception
+    removes the temp directory, and a killed process leaves only the hidden one.
+    """
+
+    def __init__(self, path, *, commit_every: int = 64, map_size: int = MAP_SIZE, overwrite: bool = False):
+        if commit_every < 1:
+            raise VlprepError(f"commit_every must be >= 1 (got {commit_every})")
+        self.path = os.path.abspath(path)
+        if os.path.exists(self.path) and not overwrite:
+            raise VlprepError(f"{self.path} already exists; remove it or pass overwrite=True")
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{uuid.uuid4().hex[:12]}.building")
+        os.mkdir(self.tmp)  # mode 0o777 less umask, like any directory a user makes
+        self.commit_every = commit_every
+        self.map_size = map_size
+        self.keys: list[bytes] = []
+        self._pending = 0
+        try:
+            self._env = lmdb.open(
+                self.tmp, map_size=map_size, subdir=True, writemap=False, sync=False, metasync=False
+            )
+        except lmdb.Error as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise VlprepError(
+                f"{self.path}: cannot create LMDB ({e}); with little address space lower map_size"
+            ) from None
+        self._txn = self._env.begin(write=True)
+
+    def put(self, key: bytes, value, what: str = "") -> None:
+        """Store ``value`` (pickled by ``dumps``) under ``key``; a repeated key raises."""
+        if key == KEYS_KEY:
+            raise VlprepError(
+                f"{self.path}: image key {key!r}{what} collides with the reserved b'keys' entry"
+            )
+        try:
+            fresh = self._txn.put(key, dumps(value), overwrite=False)
+        except lmdb.MapFullError:
+            raise VlprepError(
+                f"{self.path}: LMDB map full at {self.map_size} bytes; pass a larger map_size"
+            ) from None
+        if not fresh:
+            raise VlprepError(f"{self.path}: duplicate image key {key!r}{what}; each image must appear once")
+        self.keys.append(key)
+        self._pending += 1
+        if self._pending >= self.commit_every:
+            self._txn.commit()
+            self._txn = self._env.begin(write=True)
+            self._pending = 0
+
+    def close(self) -> None:
+        """Finish: write ``b"keys"``, sync, rename into place."""
+        self._txn.put(KEYS_KEY, dumps(self.keys))
+        self._txn.commit()
+        self._env.sync(True)
+        self._env.close()
+        old = None
+        if os.path.exists(self.path):  # overwrite=True: swap, then delete the old one
+            old = self.tmp + ".old"
+            os.rename(self.path, old)
+        os.rename(self.tmp, self.path)
+        _fsync_dir(os.path.dirname(self.path))
+        if old:
+            shutil.rmtree(old)
+
+    def abort(self) -> None:
+        self._txn.abort()
+        self._env.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> LmdbWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_lmdb(
+    rows: Iterable[Mapping[str, str]],
+    path,
+    dataset: str,
+    *,
+    commit_every: int = 64,
+    map_size: int = MAP_SIZE,
+    overwrite: bool = False,
+) -> dict:
+    """Write a VOLTA LMDB from raw 13-field TSV rows (``volta_tsv.iter_rows``), streaming.
+
+    Memory holds one transaction (``commit_every`` rows, ~70 MB for 64 full rows) plus the key
+    list. Returns ``{"path", "records"}``.
+    """
+    lmdb_key("0", dataset)  # reject an unknown dataset before creating anything
+    with LmdbWriter(path, commit_every=commit_every, map_size=map_size, overwrite=overwrite) as writer:
+        for row in rows:
+            try:
+                value = {f: row[f] for f in VOLTA_FIELDS}
+            except KeyError as e:
+                raise VlprepError(
+                    f"image {row.get('img_id')!r}: row lacks field {e}; LMDB values need all 13 fields"
+                ) from None
+            bad = [f for f, v in value.items() if not isinstance(v, str)]
+            if bad:
+                raise VlprepError(
+                    f"image {row['img_id']!r}: fields {bad} are not str; pass raw TSV rows (iter_rows)"
+                )
+            writer.put(lmdb_key(row["img_id"], dataset), value, what=f" (img_id {row['img_id']!r})")
+    return {"path": writer.path, "records": len(writer.keys)}
+
+
+def build_lmdb_from_tsv(tsv_paths: Sequence, path, dataset: str, **kwargs) -> dict:
+    """``build_lmdb`` over the rows of local TSV files, in order (upstream: train2014 then val2014)."""
+
+    def rows():
+        for tsv in tsv_paths:
+            with open(tsv, newline="", encoding="utf-8") as f:
+                yield from iter_rows(f, VOLTA_FIELDS, name=str(tsv))
+
+    return build_lmdb(rows(), path, dataset, **kwargs)
+
+
+# --- reader ---------------------------------------------------------------------------------------
+
+
+def _array(value, columns: int) -> np.ndarray:
+    """base64 text (TSV-derived LMDB) or an array (H5-derived LMDB) as float32 [-1, columns]."""
+    if isinstance(value, (str, bytes)):
+        return np.frombuffer(binascii.a2b_base64(value), dtype="<f4").reshape(-1, columns)
+    return np.asarray(value, dtype=np.float32).reshape(-1, columns)
+
+
+def _check_options(num_locs: int, add_global_imgfeat: str | None) -> None:
+    if num_locs not in NUM_LOCS:
+        raise VlprepError(f"num_locs must be one of {NUM_LOCS} (got {num_locs})")
+    if add_global_imgfeat not in GLOBAL_FEATURE:
+        raise VlprepError(f"add_global_imgfeat must be one of {GLOBAL_FEATURE} (got {add_global_imgfeat!r})")
+
+
+def region_features(
+    item: Mapping,
+    *,
+    feature_size: int = 2048,
+    num_locs: int = 5,
+    add_global_imgfeat: str | None = None,
+    norm_embeddings: bool = False,
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """``(features, num_boxes, spatials, pixel_boxes)`` as VOLTA's ``ImageFeaturesH5Reader`` returns them.
+
+    Uses ``img_h``, ``img_w``, ``features`` and ``boxes`` of ``item`` (str or numpy values).
+    Spatial columns (``num_locs``): 4 = x1/W, y1/H, x2/W, y2/H; 5 adds area/(W*H); 7 (UC2) is
+    those 4, (x2-x1)/W, (y2-y1)/H, area/(W*H). ``pixel_boxes`` is the same before the division
+    (so its area column is still the normalised area, and for 7 columns 4-5 are 0), as upstream.
+    ``norm_embeddings`` L2-normalises feature and spatial rows. A global feature (the mean of the
+    region features) is prepended (``"first"``) or appended (``"last"``) with spatial row
+    ``[0, 0, 1, 1, 1...]``, pixel row ``[0, 0, W, H, W*H...]`` and ``num_boxes + 1``.
+    Everything is float32 (upstream's spatial arrays turn float64 once the global row is added;
+    the values are the same).
+    """
+    _check_options(num_locs, add_global_imgfeat)
+    img_h, img_w = int(item["img_h"]), int(item["img_w"])
+    features = _array(item["features"], feature_size)
+    boxes = _array(item["boxes"], 4)
+
+    spatials = np.zeros((len(boxes), num_locs), dtype=np.float32)
+    spatials[:, :4] = boxes
+    if num_locs >= 5:
+        width, height = spatials[:, 2] - spatials[:, 0], spatials[:, 3] - spatials[:, 1]
+        spatials[:, -1] = height * width / (float(img_w) * float(img_h))
+    pixel_boxes = spatials.copy()
+    spatials[:, [0, 2]] /= float(img_w)
+    spatials[:, [1, 3]] /= float(img_h)
+    if num_locs == 7:
+        spatials[:, 4] = spatials[:, 2] - spatials[:, 0]
+        spatials[:, 5] = spatials[:, 3] - spatials[:, 1]
+
+    if norm_embeddings:
+        features = features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+        spatials = spatials / np.linalg.norm(spatials, axis=1, keepdims=True)
+
+    num_boxes = len(features)
+    if add_global_imgfeat is not None:
+        g_feature = (np.sum(features, axis=0) / num_boxes)[None]
+        g_spatial = np.array([[0, 0, 1, 1] + [1] * (num_locs - 4)], dtype=np.float32)
+        g_pixel = np.array([[0, 0, img_w, img_h] + [img_w * img_h] * (num_locs - 4)], dtype=np.float32)
+        num_boxes += 1
+        if add_global_imgfeat == "first":
+            features = np.concatenate([g_feature, features])
+            spatials = np.concatenate([g_spatial, spatials])
+            pixel_boxes = np.concatenate([g_pixel, pixel_boxes])
+        else:
+            features = np.concatenate([features, g_feature])
+            spatials = np.concatenate([spatials, g_spatial])
+            pixel_boxes = np.concatenate([pixel_boxes, g_pixel])
+    return features, num_boxes, spatials, pixel_boxes
+
+
+class _ReaderBase:
+    def __init__(self, *, feature_size=2048, num_locs=5, add_global_imgfeat=None, norm_embeddings=False):
+        self.options = {
+            "feature_size": feature_size,
+            "num_locs": num_locs,
+            "add_global_imgfeat": add_global_imgfeat,
+            "norm_embeddings": norm_embeddings,
+        }
+        _check_options(num_locs, add_global_imgfeat)
+        self._index: dict[bytes, int] = {}
+
+    def keys(self) -> list[bytes]:
+        """Image keys in file order."""
+        return list(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, image_id) -> bool:
+        return str(image_id).encode() in self._index
+
+    def _key(self, image_id) -> bytes:
+        key = str(image_id).encode()  # VOLTA looks ids up as str(image_id).encode()
+        if key not in self._index:
+            raise KeyError(f"image {image_id!r} is not in {self.path}")
+        return key
+
+    def __getitem__(self, image_id) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+        """``(features, num_boxes, spatials, pixel_boxes)``; see ``region_features``."""
+        return region_features(self.item(image_id), **self.options)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LmdbFeatureReader(_ReaderBase):
+    """VOLTA's ``ImageFeaturesH5Reader`` (the not-in-memory branch) over a VOLTA LMDB.
+
+    Opened read-only with ``lock=False, readahead=False, meminit=False`` as upstream. Lookup by
+    ``str(image_id).encode()``, through a dict instead of upstream's linear ``list.index``.
+    """
+
+    def __init__(self, path, **options):
+        super().__init__(**options)
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise VlprepError(f"{self.path}: no LMDB directory there; build it with build_lmdb")
+        self.env = lmdb.open(
+            self.path, max_readers=1, readonly=True, lock=False, readahead=False, meminit=False
+        )
+        with self.env.begin(write=False) as txn:
+            raw = txn.get(KEYS_KEY)
+        if raw is None:
+            self.env.close()
+            raise VlprepError(f"{self.path}: LMDB has no b'keys' entry; it is not a VOLTA feature LMDB")
+        self._index = {key: i for i, key in enumerate(loads(raw))}
+
+    def item(self, image_id) -> dict:
+        """The stored value: a dict of str fields (TSV-derived) or numpy arrays (H5-derived)."""
+        key = self._key(image_id)
+        with self.env.begin(write=False) as txn:
+            return loads(txn.get(key))
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class TsvFeatureReader(_ReaderBase):
+    """Same API as ``LmdbFeatureReader`` over a 13- or 10-field TSV file, keyed by ``lmdb_key``.
+
+    One pass at open records each line's byte offset (memory: one int per image); lookups seek.
+    When an img_id repeats, the first line wins.
+    """
+
+    def __init__(self, path, dataset: str, **options):
+        super().__init__(**options)
+        self.path = os.fspath(path)
+        set_field_size_limit()
+        self._file = open(self.path, "rb")
+        offset = 0
+        for line in self._file:
+            if line.strip():
+                img_id = line.split(b"\t", 1)[0]
+                if img_id.startswith(b'"'):  # a quoted id: let csv unquote it
+                    img_id = next(csv.reader(io.StringIO(line.decode()), delimiter="\t"))[0].encode()
+                self._index.setdefault(lmdb_key(img_id.decode(), dataset), offset)
+            offset += len(line)
+
+    def item(self, image_id) -> dict:
+        """The raw row: field -> str."""
+        self._file.seek(self._index[self._key(image_id)])
+        line = self._file.readline().decode()
+        if '"' in line:
+            values = next(csv.reader(io.StringIO(line), delimiter="\t"))
+        else:
+            values = line.rstrip("\r\n").split("\t")
+        if len(values) < len(LXMERT_FIELDS):
+            raise VlprepError(
+                f"{self.path}: the line of image {image_id!r} has {len(values)} fields; the file is truncated"
+            )
+        return dict(zip(VOLTA_FIELDS, values, strict=False))
+
+    def close(self) -> None:
+        self._file.close()
