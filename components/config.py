@@ -34,6 +34,11 @@ COMPONENTS = {
     "captions_plan": Resources("cpu", cpu="1", memory="2Gi"),
     "captions_extract": Resources("cpu", cpu="1", memory="2Gi"),
     "captions_merge": Resources("cpu", cpu="1", memory="2Gi"),
+    "regions_plan": Resources("cpu", cpu="1", memory="2Gi"),
+    "regions_extract": Resources("gpu", cpu="8", memory="32Gi", gpus=1),
+    "regions_merge": Resources("cpu", cpu="2", memory="8Gi"),
+    "regions_lmdb": Resources("cpu", cpu="2", memory="8Gi"),
+    "regions_hard_negatives": Resources("cpu", cpu="4", memory="32Gi"),
 }
 
 
@@ -47,6 +52,10 @@ def configure(task, component: str):
     task.set_cpu_request(r.cpu).set_cpu_limit(r.cpu)
     task.set_memory_request(r.memory).set_memory_limit(r.memory)
     if r.gpus:
+        from kfp import kubernetes
+
         task.set_accelerator_type(GPU_TYPE).set_accelerator_limit(r.gpus)
+        # GPU node pools are tainted so that only GPU work lands there
+        kubernetes.add_toleration(task, key=GPU_TYPE, operator="Exists", effect="NoSchedule")
     task.set_retry(num_retries=r.retries, backoff_duration="30s", backoff_factor=2.0)
     return task

@@ -2,10 +2,12 @@
 
 from vlprep_pipelines import demo as _demo
 from vlprep_pipelines.captions import captions
+from vlprep_pipelines.region_features import region_features
 
 PIPELINES = {
     "captions": captions,
     "demo": _demo.demo,
+    "region_features": region_features,
 }
 
 # pipeline -> function(sample_dir, run_dir) giving the parameters of a local run on the sample

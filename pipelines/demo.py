@@ -2,15 +2,20 @@
 
 Its parameters are plain paths (KFP cannot concatenate strings into a nested pipeline's inputs);
 ``local_params`` fills them in for a local run from the sample directory and the run directory.
+Weights default to ``random:0`` (offline; flagged in logs and reports); pass real weight specs with
+``--param weights=...``.
 """
 
 from kfp import dsl
-from vlprep_pipelines.captions import captions
+from vlprep_pipelines.region_features import region_features
 
 
 @dsl.pipeline(name="demo", description="All vlprep workflows on one small dataset")
-def demo(karpathy: str, test1k_ids: str, annotations: str, num_shards: int = 2):
-    captions(karpathy=karpathy, out=annotations, dataset="coco", test1k_ids=test1k_ids, num_shards=num_shards)
+def demo(karpathy: str, test1k_ids: str, images: str, mscoco: str, annotations: str,
+         weights: str = "random:0", num_shards: int = 2, arch: str = "full", device: str = "cpu"):
+    region_features(images=images, out=mscoco, karpathy=karpathy, annotations=annotations, dataset="coco",
+                    recipe="caffe36", weights=weights, num_shards=num_shards, device=device, batch_size=4,
+                    num_workers=2, arch=arch, test1k_ids=test1k_ids)
 
 
 def local_params(sample: str, run_dir: str) -> dict:
@@ -18,5 +23,7 @@ def local_params(sample: str, run_dir: str) -> dict:
     return {
         "karpathy": f"{sample}/dataset_coco.json",
         "test1k_ids": f"{sample}/test1k_ids.txt",
+        "images": f"{sample}/images",
+        "mscoco": f"{run_dir}/mscoco",
         "annotations": f"{run_dir}/mscoco/annotations",
     }

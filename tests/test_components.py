@@ -47,3 +47,32 @@ def test_component_failure_is_a_failed_pod(tmp_path):
         assert "missing.json: no such file" in str(e)
     else:
         raise AssertionError("a plan over a missing file succeeded")
+
+
+def test_region_components_chain(tmp_path, sample):
+    import json
+
+    spec, _ = load("region_features")
+    out = tmp_path / "store"
+    vals, _ = run_component(spec, "regions-plan", {"images": str(sample / "images"), "out": str(out),
+                                                   "num_shards": 2, "image_root": ""}, tmp_path / "plan")
+    done = []
+    for s in vals["Output"]:
+        vals, _ = run_component(spec, "regions-extract",
+                                {"spec": s, "dataset": "coco", "recipe": "caffe36", "weights": "random:0",
+                                 "device": "cpu", "batch_size": 4, "num_workers": 0, "arch": "tiny",
+                                 "recipe_params": {}, "autocast": ""}, tmp_path / f"x{s['index']}")
+        done.append(vals["Output"])
+    assert sum(d["images"] for d in done) == 6
+    vals, arts = run_component(spec, "regions-merge",
+                               {"shards": done, "out": str(out), "dataset": "coco", "recipe": "caffe36",
+                                "formats": "volta-tsv,lxmert-tsv", "recipe_params": {}, "vocab_objects": "",
+                                "vocab_attributes": ""}, tmp_path / "merge")
+    assert vals["Output"]["images"] == 6 and vals["Output"]["random_weights"] is True
+    html = Path(arts["report"]).read_text()
+    assert "RANDOM weights" in html and html.count("<img src='data:image/png;base64,") == 6
+    metrics = json.loads((tmp_path / "merge" / "executor_output.json").read_text())["artifacts"]["metrics"]
+    assert metrics["artifacts"][0]["metadata"]["images"] == 6
+    vals, _ = run_component(spec, "regions-lmdb", {"merged": vals["Output"], "out": str(out), "dataset": "coco",
+                                                   "recipe": "caffe36"}, tmp_path / "lmdb")
+    assert vals["Output"]["lmdb"] == {str(out / "trainval_feat.lmdb"): 6}

@@ -117,7 +117,8 @@ def test_local_captions_run_equals_direct_stage(tmp_path, sample):
 
 def test_make_run_equivalent_writes_run_record(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vlprep.cli", "run", "demo", "--local", "--run-name", "t",
-                        "--runs-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=1200)
+                        "--runs-dir", str(tmp_path), "--param", "arch=tiny"], capture_output=True, text=True,
+                       cwd=REPO, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = yaml.safe_load((tmp_path / "t" / "run.json").read_text())
     assert run["pipeline"] == "demo" and run["versions"]["kfp"].startswith("2.17")
@@ -143,3 +144,31 @@ def test_run_with_config_file_and_compile_cli(tmp_path, sample):
     bad = tmp_path / "bad.yaml"
     bad.write_text("karpathy: [unclosed\n")
     assert main(["run", "captions", "--local", "--config", str(bad)]) == 2
+
+
+def test_gpu_tasks_tolerate_the_gpu_taint(fresh):
+    spec, platform = _docs(fresh / "region_features.yaml")
+    execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    gpu = [name for name, e in spec["deploymentSpec"]["executors"].items() if "accelerator" in e["container"]["resources"]]
+    assert gpu == ["exec-regions-extract"]
+    assert execs["exec-regions-extract"]["tolerations"] == [
+        {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+
+
+def test_local_region_features_run_equals_direct_stage(tmp_path, sample):
+    from vlprep.stages import regions
+
+    params = {"images": str(sample / "images"), "out": str(tmp_path / "local"), "karpathy": str(sample / "dataset_coco.json"),
+              "annotations": str(tmp_path / "local" / "annotations"), "arch": "tiny", "device": "cpu",
+              "num_shards": 3, "num_workers": 0}
+    engine.run_local("region_features", params, tmp_path / "root")
+    regions.run(str(sample / "images"), str(tmp_path / "direct"), arch="tiny", num_workers=0)
+    for sub in ("volta", "lxmert"):
+        names = sorted(p.name for p in (tmp_path / "direct" / sub).glob("*.tsv"))
+        assert len(names) == 2
+        match, mismatch, errors = filecmp.cmpfiles(tmp_path / "local" / sub, tmp_path / "direct" / sub, names,
+                                                   shallow=False)
+        assert match == names, (mismatch, errors)
+    assert (tmp_path / "local" / "trainval_feat.lmdb" / "data.mdb").exists()
+    assert (tmp_path / "local" / "hard_negative.pkl").exists()
+    assert (tmp_path / "local" / "annotations" / "train_ann.jsonl").exists()

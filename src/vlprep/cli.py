@@ -135,6 +135,22 @@ def cmd_captions(args) -> int:
     return 0
 
 
+def cmd_regions(args) -> int:
+    from vlprep.stages import regions
+
+    if args.action == "extract":
+        summary = regions.run(args.images, args.out, args.dataset, args.recipe, args.weights, args.shards,
+                              args.format, args.device, args.batch_size, args.workers, args.arch, args.image_root,
+                              json.loads(args.recipe_params), build_lmdb=args.lmdb, annotations=args.annotations or "")
+        print(f"report: {storage.join(args.out, 'report.html')}")
+    elif args.action == "lmdb":
+        summary = regions.lmdb(args.out, args.dataset)
+    else:
+        summary = regions.hard_negatives(args.out, args.annotations, args.dataset)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlprep", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -171,6 +187,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--test1k-ids", help="COCO: file of image ids for test1k_ann.jsonl")
     s.add_argument("--shards", type=int, default=1)
     s.set_defaults(func=cmd_captions)
+
+    s = sub.add_parser("regions", help="bottom-up-attention region features (VOLTA / LXMERT)")
+    s.add_argument("action", choices=["extract", "lmdb", "hard-negatives"],
+                   help="extract: detect, merge TSVs (+ LMDB); lmdb / hard-negatives: rebuild those from merged TSVs")
+    s.add_argument("--out", required=True, help="output directory or gs:// prefix")
+    s.add_argument("--images", help="image folder / gs:// prefix, list file (.txt) or Karpathy file (.json)")
+    s.add_argument("--image-root", default="", help="with a Karpathy file: the folder holding filepath/filename")
+    s.add_argument("--dataset", default="coco", choices=["coco", "flickr30k"])
+    s.add_argument("--recipe", default="caffe36",
+                   help="caffe10-100 | caffe36 | d2-nb36 | d2-maxnms36 | d2-maxnms36-volta | given-boxes")
+    s.add_argument("--recipe-params", default="{}", help='JSON overrides, e.g. \'{"nms_start": 0.5}\'')
+    s.add_argument("--weights", default="random:0", help="URL, gs://, local path or random:<seed> (offline demo)")
+    s.add_argument("--format", default="volta-tsv,lxmert-tsv", help="comma list of volta-tsv, lxmert-tsv, h5")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--workers", type=int, default=2, help="DataLoader decode workers")
+    s.add_argument("--shards", type=int, default=1)
+    s.add_argument("--arch", default="full", choices=["full", "tiny"], help="tiny: a small test configuration")
+    s.add_argument("--no-lmdb", dest="lmdb", action="store_false", help="skip the LMDB build")
+    s.add_argument("--annotations", help="caption annotations folder (train_ann.jsonl) for hard_negative.pkl")
+    s.set_defaults(func=cmd_regions)
     return p
 
 

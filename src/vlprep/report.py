@@ -41,3 +41,35 @@ def run_markdown(run: dict) -> str:
     lines += ["## Outputs", ""] + [f"- `{p}`" for p in run.get("outputs", [])]
     lines += ["", "## Parameters", "", "```json", json.dumps(run["params"], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def png_data_uri(rgb) -> str:
+    """An RGB uint8 array (or PIL image) as an inline PNG, so one HTML file carries its pictures."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    im = rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)
+    buf = io.BytesIO()
+    im.save(buf, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def draw_boxes(rgb, boxes, labels, max_side: int = 480):
+    """The image with boxes (x1, y1, x2, y2 in its pixels) and their labels drawn, scaled to ``max_side``."""
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(rgb).convert("RGB")
+    scale = min(1.0, max_side / max(im.size))
+    if scale < 1:
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BILINEAR)
+    draw = ImageDraw.Draw(im)
+    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+               (70, 240, 240), (240, 50, 230)]
+    for i, (box, label) in enumerate(zip(boxes, labels, strict=True)):
+        x1, y1, x2, y2 = (float(v) * scale for v in box)
+        color = palette[i % len(palette)]
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=2)
+        draw.text((x1 + 2, y1 + 1), str(label), fill=color)
+    return im

@@ -1,0 +1,342 @@
+"""Weights and vocabularies: resolve a spec to a local file (cached, checksummed) and read it safely.
+
+A spec is one of:
+
+- ``http(s)://host/path[#sha256=<hex>]``: downloaded once into the cache directory
+  (``$VLPREP_CACHE``, else ``~/.cache/vlprep``), written to a temp file and renamed. The sha256 of
+  every cached file is kept next to it (``<file>.sha256``) and checked before each reuse; with a
+  ``#sha256=`` suffix the file must also have that digest.
+- ``gs://bucket/key[#sha256=<hex>]``: copied into the cache the same way, via ``vlprep.storage``.
+- a local path (``#sha256=`` also allowed): used in place.
+- ``random:<seed>``: no file. The caller builds a deterministic random init of the real
+  architecture; ``Resolved.is_random`` is True so that logs and reports can say so.
+
+Files ending in ``.gz`` (or starting with the gzip magic) are decompressed transparently when read.
+
+Checkpoints from outside are untrusted: pickles go through :class:`RestrictedUnpickler`, which
+rebuilds numpy arrays and plain containers and refuses every other global; torch files are read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from vlprep import VlprepError
+
+log = logging.getLogger(__name__)
+
+# Published files (PB = airsplay/py-bottom-up-attention README, BUTD = peteanderson80/bottom-up-attention).
+# The detectron2 port of the BUTD Visual Genome R-101-C4 attribute model (36-box Caffe model), which
+# VOLTA's features_extraction/README puts in ~/.torch/fvcore_cache/models/.
+BUTD_VG_ATTR_WEIGHTS = "http://nlp.cs.unc.edu/models/faster_rcnn_from_caffe_attr.pkl"
+# The same port of the original 10-100-box Caffe model (file name from the PB README; unverified).
+BUTD_VG_ATTR_WEIGHTS_ORIGINAL = "http://nlp.cs.unc.edu/models/faster_rcnn_from_caffe_attr_original.pkl"
+# The 1600-400-20 Visual Genome vocabularies (BUTD data/genome/1600-400-20/, also in PB).
+_VG_VOCAB_BASE = (
+    "https://raw.githubusercontent.com/peteanderson80/bottom-up-attention/master/data/genome/1600-400-20/"
+)
+VG_OBJECTS_VOCAB = _VG_VOCAB_BASE + "objects_vocab.txt"
+VG_ATTRIBUTES_VOCAB = _VG_VOCAB_BASE + "attributes_vocab.txt"
+
+CACHE_ENV = "VLPREP_CACHE"
+_BLOCK = 1 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A resolved spec: a local file, or a random init (``path`` None, ``is_random`` True)."""
+
+    spec: str
+    path: Path | None
+    is_random: bool = False
+    seed: int | None = None
+    sha256: str | None = None  # digest of ``path`` when it was computed (downloads, #sha256= specs)
+
+    def describe(self) -> str:
+        if self.is_random:
+            return f"{self.spec} (RANDOM weights, seed {self.seed}: not a trained model)"
+        return f"{self.spec} -> {self.path}" + (f" (sha256 {self.sha256})" if self.sha256 else "")
+
+
+def default_cache_dir() -> Path:
+    """``$VLPREP_CACHE`` if set, else ``~/.cache/vlprep``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vlprep"
+
+
+def parse_random_spec(spec: str) -> int | None:
+    """The seed of a ``random:<seed>`` spec, or None for any other spec."""
+    if not str(spec).startswith("random:"):
+        return None
+    text = str(spec)[len("random:") :]
+    try:
+        return int(text)
+    except ValueError:
+        raise VlprepError(f"{spec!r}: a random spec is random:<integer seed>, e.g. random:0") from None
+
+
+def split_checksum(spec: str) -> tuple[str, str | None]:
+    """Split ``location#sha256=<hex>`` into (location, hex or None)."""
+    spec = str(spec)
+    location, sep, fragment = spec.partition("#")
+    if not sep:
+        return spec, None
+    key, _, value = fragment.partition("=")
+    value = value.strip().lower()
+    if key != "sha256" or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise VlprepError(f"{spec!r}: the only supported suffix is #sha256=<64 hex digits>")
+    return location, value
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve(spec: str | Path, *, cache_dir: str | Path | None = None) -> Resolved:
+    """Resolve a weights or vocabulary spec (see the module docstring) to a local file."""
+    spec = str(spec)
+    seed = parse_random_spec(spec)
+    if seed is not None:
+        return Resolved(spec=spec, path=None, is_random=True, seed=seed)
+    location, expected = split_checksum(spec)
+    if location.startswith(("http://", "https://", "gs://")):
+        path, digest = _cached_copy(location, expected, Path(cache_dir) if cache_dir else default_cache_dir())
+        return Resolved(spec=spec, path=path, sha256=digest)
+    path = Path(location).expanduser()
+    if not path.is_file():
+        raise VlprepError(
+            f"{path}: file not found. Pass an existing local path, an http(s):// or gs:// URL "
+            "(downloaded once and cached), or random:<seed> for random weights (tests and demos only)."
+        )
+    digest = None
+    if expected:
+        digest = file_sha256(path)
+        if digest != expected:
+            raise VlprepError(
+                f"{path}: sha256 is {digest}, expected {expected}; the file is not the one named"
+            )
+    return Resolved(spec=spec, path=path, sha256=digest)
+
+
+def _cache_path(location: str, cache_dir: Path) -> Path:
+    name = location.rstrip("/").rsplit("/", 1)[-1] or "download"
+    key = hashlib.sha256(location.encode()).hexdigest()[:16]
+    return cache_dir / "weights" / f"{key}-{name}"
+
+
+def _cached_copy(location: str, expected: str | None, cache_dir: Path) -> tuple[Path, str]:
+    """The cached copy of a URL, downloaded if absent or if it fails its checksum."""
+    target = _cache_path(location, cache_dir)
+    sidecar = target.with_name(target.name + ".sha256")
+    if target.is_file() and sidecar.is_file():
+        recorded = sidecar.read_text().strip()
+        digest = file_sha256(target)
+        if digest == recorded and (expected is None or digest == expected):
+            return target, digest
+        log.warning("cached %s for %s fails its checksum; downloading again", target, location)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix="-" + target.name)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, _open_remote(location) as src:
+            for block in iter(lambda: src.read(_BLOCK), b""):
+                h.update(block)
+                out.write(block)
+        digest = h.hexdigest()
+        if expected is not None and digest != expected:
+            raise VlprepError(
+                f"{location}: downloaded file has sha256 {digest}, expected {expected}. The file at that "
+                "address changed or is corrupt: fix the #sha256= suffix or the URL."
+            )
+        os.replace(tmp, target)
+        sidecar.write_text(digest + "\n")
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("downloaded %s -> %s (sha256 %s)", location, target, digest)
+    return target, digest
+
+
+def _open_remote(location: str) -> BinaryIO:
+    if location.startswith("gs://"):
+        from vlprep import storage
+
+        try:
+            return storage.open_read(location)
+        except FileNotFoundError as e:
+            raise VlprepError(f"{location}: not found ({e}); check the gs:// path") from None
+    try:
+        return urllib.request.urlopen(location, timeout=60)
+    except (urllib.error.URLError, OSError) as e:
+        raise VlprepError(
+            f"{location}: download failed ({e}). Download the file by other means and pass its local "
+            "path (or a gs:// copy) instead."
+        ) from None
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def open_maybe_gzip(path: str | Path) -> BinaryIO:
+    """Open a file for reading, decompressing it if it is gzip (by magic number)."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return gzip.open(path, "rb") if magic == _GZIP_MAGIC else open(path, "rb")
+
+
+# Globals a checkpoint pickle may reference: numpy array/scalar/dtype reconstruction, plain containers,
+# and _codecs.encode (how protocol-2 pickles written by Python 3 store bytes).
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    import builtins
+    import codecs
+    import collections
+
+    from numpy._core import multiarray
+
+    allowed: dict[tuple[str, str], Any] = {}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
+        allowed[(mod, "scalar")] = multiarray.scalar
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    allowed[("collections", "OrderedDict")] = collections.OrderedDict
+    allowed[("_codecs", "encode")] = codecs.encode
+    for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "complex", "slice"):
+        allowed[("builtins", name)] = getattr(builtins, name)
+        allowed[("__builtin__", name)] = allowed[("builtins", name)]  # Python 2 pickles
+    return allowed
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds numpy arrays and plain containers; any other global is refused."""
+
+    def __init__(self, file: BinaryIO, *, source: str, **kwargs: Any):
+        kwargs.setdefault("encoding", "latin1")  # Python 2 pickles (Detectron/Caffe2 zoo)
+        super().__init__(file, **kwargs)
+        self.source = source
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise VlprepError(
+                f"{self.source}: refusing to unpickle global {module}.{name}; a weights pickle may only "
+                "hold numpy arrays and plain containers. Do not load this file unless you trust it."
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise VlprepError(f"{self.source}: refusing a pickle persistent id ({pid!r}); not a weights pickle")
+
+
+def load_pickle(path: str | Path) -> Any:
+    """Unpickle a (possibly gzipped) file with :class:`RestrictedUnpickler`."""
+    with open_maybe_gzip(path) as f:
+        try:
+            return RestrictedUnpickler(f, source=str(path)).load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise VlprepError(f"{path}: not a readable pickle ({e})") from None
+
+
+# torch.save's zip container, and its legacy format (a pickled magic number first).
+_TORCH_ZIP = b"PK\x03\x04"
+_TORCH_LEGACY = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _is_torch_file(path: Path) -> bool:
+    with open_maybe_gzip(path) as f:
+        head = f.read(len(_TORCH_LEGACY))
+    return head.startswith(_TORCH_ZIP) or head == _TORCH_LEGACY
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray | Any], str]:
+    """Read a checkpoint file into (name -> array or tensor, layout).
+
+    Layouts: ``"d2"`` (pickle ``{"model": {...}, "__author__": ...}``, detectron2 zoo format),
+    ``"blobs"`` (pickle ``{"blobs": {...}}``, Caffe2/Detectron; ``*_momentum`` entries dropped),
+    ``"plain"`` (a bare name -> array pickle) and ``"torch"`` (``torch.save`` of a state dict, or of
+    ``{"model": state_dict}``), read with ``weights_only=True``.
+    """
+    path = Path(path)
+    if _is_torch_file(path):
+        import torch
+
+        with open_maybe_gzip(path) as f:
+            try:
+                data = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise VlprepError(f"{path}: refused by torch.load(weights_only=True): {first}") from None
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            data = data["model"]
+        return _check_mapping(data, path), "torch"
+    data = load_pickle(path)
+    if not isinstance(data, dict):
+        raise VlprepError(f"{path}: expected a dict of arrays, got {type(data).__name__}")
+    if "model" in data and "__author__" in data:
+        return _check_mapping(data["model"], path), "d2"
+    if "blobs" in data:
+        blobs = {k: v for k, v in data["blobs"].items() if not str(k).endswith("_momentum")}
+        return _check_mapping(blobs, path), "blobs"
+    return _check_mapping({k: v for k, v in data.items() if not str(k).endswith("_momentum")}, path), "plain"
+
+
+def _check_mapping(data: Any, path: Path) -> dict:
+    if not isinstance(data, dict) or not data:
+        raise VlprepError(f"{path}: no name -> array mapping found in the checkpoint")
+    return dict(data)
+
+
+# ---------------------------------------------------------------- vocabularies
+
+
+def load_vocab(
+    spec: str | Path, *, size: int, placeholder: str, cache_dir: str | Path | None = None
+) -> list[str]:
+    """Labels of a vocabulary file, one per line; a line may list synonyms ``a,b,c`` (the label is ``a``).
+
+    ``random:<seed>`` gives placeholder labels ``f"{placeholder}_{i}"``. The file must have ``size``
+    non-empty lines.
+    """
+    resolved = resolve(spec, cache_dir=cache_dir)
+    if resolved.is_random:
+        return [f"{placeholder}_{i}" for i in range(size)]
+    with open_maybe_gzip(resolved.path) as f:
+        text = f.read().decode("utf-8")
+    labels = [line.split(",")[0].strip() for line in text.splitlines() if line.strip()]
+    if len(labels) != size:
+        raise VlprepError(
+            f"{resolved.path}: {len(labels)} labels, expected {size}; is it the right vocabulary?"
+        )
+    return labels
+
+
+def load_vg_objects(spec: str | Path = VG_OBJECTS_VOCAB, *, cache_dir: str | Path | None = None) -> list[str]:
+    """The 1600 Visual Genome object labels (index = ``obj_ids``)."""
+    return load_vocab(spec, size=1600, placeholder="object", cache_dir=cache_dir)
+
+
+def load_vg_attributes(
+    spec: str | Path = VG_ATTRIBUTES_VOCAB, *, cache_dir: str | Path | None = None
+) -> list[str]:
+    """The 400 Visual Genome attribute labels (index = ``attr_ids``)."""
+    return load_vocab(spec, size=400, placeholder="attribute", cache_dir=cache_dir)

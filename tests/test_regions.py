@@ -1,0 +1,162 @@
+"""Region-feature stage: shard invariance, resume after a kill, bad images, LMDB, hard negatives, gs://."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlprep import shards, storage
+from vlprep.formats import volta_lmdb, volta_tsv
+from vlprep.stages import captions, regions
+
+KW = {"arch": "tiny", "weights": "random:0", "num_workers": 0, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return regions.load_detector("random:0", arch="tiny")
+
+
+def _run(images, out, n, detector, **kw):
+    for spec in regions.plan(str(images), str(out), n):
+        regions.extract(spec, detector=detector, **{k: v for k, v in KW.items() if k != "weights"}, **kw)
+    return regions.merge(str(out))
+
+
+def _tree(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.tsv")) if "_work" not in p.parts}
+
+
+def test_merged_output_identical_whatever_the_shard_count(tmp_path, sample, detector):
+    one = _run(sample / "images", tmp_path / "n1", 1, detector)
+    three = _run(sample / "images", tmp_path / "n3", 3, detector)
+    a, b = _tree(tmp_path / "n1"), _tree(tmp_path / "n3")
+    assert sorted(a) == ["lxmert/train2014_obj36-36.tsv", "lxmert/val2014_obj36-36.tsv",
+                         "volta/train2014_obj36-36.tsv", "volta/val2014_obj36-36.tsv"]
+    assert a == b
+    assert one["images"] == three["images"] == 6
+    rows = list(volta_tsv.read_tsv(tmp_path / "n1" / "volta" / "train2014_obj36-36.tsv"))
+    assert [r["img_id"] for r in rows] == [f"COCO_train2014_{i:012d}" for i in (1, 2, 3)]
+    assert all(r["num_boxes"] == 36 and r["boxes"].shape == (36, 4) for r in rows)
+    lx = (tmp_path / "n1" / "lxmert" / "train2014_obj36-36.tsv").read_text().splitlines()[0].split("\t")
+    assert len(lx) == 10
+
+
+def test_killed_shard_rerun_gives_identical_output_without_duplicates(tmp_path, sample, detector):
+    clean = tmp_path / "clean"
+    _run(sample / "images", clean, 2, detector)
+    out = tmp_path / "killed"
+    specs = regions.plan(str(sample / "images"), str(out), 2)
+    regions.extract(specs[0], detector=detector, arch="tiny", num_workers=0)
+    # shard 1 died half-way: a partial part, no marker
+    part = shards.load(specs[1]).part("val2014.tsv")
+    storage.write_text(part, (clean / "volta" / "val2014_obj36-36.tsv").read_text()[:5000])
+    with pytest.raises(Exception, match="shard 1 of 2 has no done-marker"):
+        regions.merge(str(out))
+    for spec in specs:  # the retry: shard 0 is skipped, shard 1 redone
+        m = regions.extract(spec, detector=detector, arch="tiny", num_workers=0)
+        assert m["skipped"] is (spec["index"] == 0)
+    regions.merge(str(out))
+    assert _tree(out) == _tree(clean)
+
+
+def _bad_images(tmp_path: Path, sample: Path) -> Path:
+    root = tmp_path / "imgs" / "val2014"
+    root.mkdir(parents=True)
+    src = sample / "images" / "train2014" / "COCO_train2014_000000000001.jpg"
+    good = src.read_bytes()
+    (root / "COCO_val2014_000000000011.jpg").write_bytes(good)
+    (root / "COCO_val2014_000000000012.jpg").write_bytes(b"")  # zero bytes
+    (root / "COCO_val2014_000000000013.jpg").write_bytes(good[: len(good) // 3])  # truncated
+    (root / "COCO_val2014_000000000014.jpg").write_bytes(b"<html>not an image</html>")  # corrupt
+    im = Image.open(io.BytesIO(good))
+    buf = io.BytesIO()
+    im.convert("CMYK").save(buf, "JPEG")
+    (root / "COCO_val2014_000000000015.jpg").write_bytes(buf.getvalue())  # CMYK
+    buf = io.BytesIO()
+    im.convert("L").save(buf, "JPEG")
+    (root / "COCO_val2014_000000000016.jpg").write_bytes(buf.getvalue())  # grayscale
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    (root / "COCO_val2014_000000000017.jpg").write_bytes(buf.getvalue())  # PNG named .jpg
+    return tmp_path / "imgs"
+
+
+def test_bad_images_are_skipped_and_listed_never_a_crash(tmp_path, sample, detector):
+    images = _bad_images(tmp_path, sample)
+    out = tmp_path / "out"
+    summary = _run(images, out, 2, detector)
+    failed = {Path(f["item"]).name: f["error"] for f in summary["failed"]}
+    assert sorted(failed) == [f"COCO_val2014_0000000000{i}.jpg" for i in (12, 13, 14)]
+    assert "zero-byte" in failed["COCO_val2014_000000000012.jpg"]
+    rows = list(volta_tsv.read_tsv(out / "volta" / "val2014_obj36-36.tsv"))
+    assert [r["img_id"][-2:] for r in rows] == ["11", "15", "16", "17"]
+    notes = {Path(n["item"]).name: n["note"] for n in summary["notes"]}
+    assert "CMYK" in notes["COCO_val2014_000000000015.jpg"] and "PNG data" in notes["COCO_val2014_000000000017.jpg"]
+    # the markers list them too, and the report names them
+    markers = [json.loads(p.read_text()) for p in (out / "_work" / "regions").glob("*.done.json")]
+    assert sum(len(m["failed"]) for m in markers) == 3
+    assert "COCO_val2014_000000000013.jpg" in summary["report_html"]
+
+
+def test_lmdb_and_hard_negatives_as_volta_reads_them(tmp_path, sample, detector):
+    out = tmp_path / "mscoco"
+    _run(sample / "images", out, 2, detector)
+    built = regions.lmdb(str(out))["lmdb"]
+    assert list(built.values()) == [6]
+    env = lmdb.open(str(out / "trainval_feat.lmdb"), max_readers=1, readonly=True, lock=False, readahead=False,
+                    meminit=False)
+    with env.begin(write=False) as txn:
+        keys = pickle.loads(txn.get(b"keys"))
+        assert keys == [b"1", b"2", b"3", b"4", b"5", b"6"]  # train2014 then val2014
+        item = pickle.loads(txn.get(b"4"))
+        assert all(isinstance(v, str) for v in item.values()) and list(item)[0] == "img_id"
+    env.close()
+    tsv = {r["img_id"]: r for r in volta_tsv.read_tsv(out / "volta" / "val2014_obj36-36.tsv")}
+    with volta_lmdb.LmdbFeatureReader(out / "trainval_feat.lmdb", feature_size=tsv["COCO_val2014_000000000004"]
+                                      ["features"].shape[1], num_locs=5, add_global_imgfeat="first") as reader:
+        feats, n, spatials, _ = reader[4]
+    np.testing.assert_array_equal(feats[1:], tsv["COCO_val2014_000000000004"]["features"])
+    assert n == 37 and spatials.shape == (37, 5)
+    captions.run(str(sample / "dataset_coco.json"), "coco", str(out / "annotations"))
+    hn = regions.hard_negatives(str(out), str(out / "annotations"))
+    pool = pickle.loads((out / "hard_negative.pkl").read_bytes())
+    assert pool["train_image_list"] == [1, 2, 3] and hn["train_images"] == 3
+    assert [row[0] for row in np.asarray(pool["train_hard_pool"])] == [0, 1, 2]
+
+
+def test_missing_annotations_for_hard_negatives(tmp_path):
+    with pytest.raises(Exception, match="run the captions stage first"):
+        regions.hard_negatives(str(tmp_path), str(tmp_path / "annotations"))
+
+
+def test_to_object_storage(gcs, sample, detector):
+    summary = _run(sample / "images", gcs, 2, detector)
+    assert f"{gcs}/volta/train2014_obj36-36.tsv" in summary["files"]
+    built = regions.lmdb(gcs)["lmdb"]
+    assert built == {f"{gcs}/trainval_feat.lmdb": 6}
+    assert f"{gcs}/trainval_feat.lmdb/data.mdb" in storage.list_prefix(gcs)
+
+
+def test_cli_formats(tmp_path, sample, capsys):
+    from vlprep.cli import main
+
+    images = tmp_path / "imgs"
+    shutil.copytree(sample / "images" / "val2014", images / "val2014")
+    rc = main(["regions", "extract", "--images", str(images), "--out", str(tmp_path / "o"), "--arch", "tiny",
+               "--format", "h5,lxmert-tsv", "--workers", "0", "--recipe", "d2-maxnms36", "--no-lmdb"])
+    assert rc == 0
+    assert (tmp_path / "o" / "h5" / "val2014_obj36-36.h5").exists()
+    assert (tmp_path / "o" / "lxmert" / "val2014_obj36-36.tsv").exists()
+    assert not (tmp_path / "o" / "volta").exists() and not (tmp_path / "o" / "trainval_feat.lmdb").exists()
+    assert main(["regions", "extract", "--images", str(images), "--out", str(tmp_path / "p"), "--recipe", "nope",
+                 "--arch", "tiny"]) == 2
+    assert "unknown BUTD recipe 'nope'" in capsys.readouterr().err

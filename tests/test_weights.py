@@ -1,0 +1,178 @@
+"""Weight/vocabulary spec resolution: download cache with checksums, gs://, local paths, random:<seed>."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import pickle
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlprep import VlprepError
+from vlprep.models import weights
+from vlprep.models.butd import BUTDConfig, load_detector
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def http_files(tmp_path):
+    """A loopback HTTP server over a temp folder; yields (base_url, folder, list of requested paths)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root, requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _small_checkpoint(path: Path) -> bytes:
+    data = {"model": {"a.weight": np.arange(6, dtype=np.float16).reshape(2, 3)}, "__author__": "test"}
+    raw = gzip.compress(pickle.dumps(data, protocol=4))
+    path.write_bytes(raw)
+    return raw
+
+
+def test_download_is_cached_and_verified(http_files, tmp_path):
+    base, root, requests = http_files
+    raw = _small_checkpoint(root / "ck.pkl.gz")
+    digest = hashlib.sha256(raw).hexdigest()
+    cache = tmp_path / "cache"
+
+    first = weights.resolve(f"{base}/ck.pkl.gz", cache_dir=cache)
+    assert first.path.read_bytes() == raw and first.sha256 == digest and not first.is_random
+    assert first.path.is_relative_to(cache)
+    assert len(requests) == 1
+    arrays, layout = weights.load_checkpoint(first.path)  # gzip is transparent
+    assert layout == "d2" and arrays["a.weight"].dtype == np.float16 and arrays["a.weight"][1, 2] == 5
+
+    again = weights.resolve(f"{base}/ck.pkl.gz#sha256={digest}", cache_dir=cache)
+    assert again.path == first.path and len(requests) == 1  # reused, not downloaded again
+    assert not list(first.path.parent.glob(".tmp-*"))
+
+    # A cached file that fails its checksum is fetched again.
+    first.path.write_bytes(b"truncated")
+    fixed = weights.resolve(f"{base}/ck.pkl.gz", cache_dir=cache)
+    assert fixed.path.read_bytes() == raw and len(requests) == 2
+
+
+def test_checksum_mismatch_is_an_error(http_files, tmp_path):
+    base, root, requests = http_files
+    raw = _small_checkpoint(root / "ck.pkl.gz")
+    wrong = "0" * 64
+    with pytest.raises(VlprepError) as e:
+        weights.resolve(f"{base}/ck.pkl.gz#sha256={wrong}", cache_dir=tmp_path / "cache")
+    msg = str(e.value)
+    assert f"{base}/ck.pkl.gz" in msg and wrong in msg and hashlib.sha256(raw).hexdigest() in msg
+    target = weights._cache_path(f"{base}/ck.pkl.gz", tmp_path / "cache")
+    assert not target.exists()  # nothing half-verified is left in the cache
+    assert not list(target.parent.glob(".tmp-*"))
+    with pytest.raises(VlprepError, match="sha256"):
+        weights.resolve(f"{base}/ck.pkl.gz#sha256=abc", cache_dir=tmp_path / "cache")
+
+
+def test_download_failure_names_url_and_fix(http_files, tmp_path):
+    base, _, _ = http_files
+    with pytest.raises(VlprepError, match=r"missing\.pkl: download failed .*local path"):
+        weights.resolve(f"{base}/missing.pkl", cache_dir=tmp_path / "cache")
+
+
+def test_cache_dir_from_environment(http_files, tmp_path, monkeypatch):
+    base, root, _ = http_files
+    (root / "v.txt").write_text("a\nb\n")
+    monkeypatch.setenv("VLPREP_CACHE", str(tmp_path / "envcache"))
+    assert weights.default_cache_dir() == tmp_path / "envcache"
+    assert weights.resolve(f"{base}/v.txt").path.is_relative_to(tmp_path / "envcache")
+
+
+def test_gcs_spec_is_copied_into_the_cache(gcs, tmp_path):
+    from vlprep import storage
+
+    storage.write_bytes(f"{gcs}/w/ck.pkl", b"weights-bytes")
+    got = weights.resolve(f"{gcs}/w/ck.pkl", cache_dir=tmp_path / "cache")
+    assert got.path.read_bytes() == b"weights-bytes"
+    assert got.sha256 == hashlib.sha256(b"weights-bytes").hexdigest()
+    with pytest.raises(VlprepError, match="not found"):
+        weights.resolve(f"{gcs}/w/absent.pkl", cache_dir=tmp_path / "cache")
+
+
+def test_local_path_and_missing_file(tmp_path):
+    path = tmp_path / "local.pkl"
+    path.write_bytes(b"x")
+    assert weights.resolve(path).path == path
+    assert weights.resolve(f"{path}#sha256={hashlib.sha256(b'x').hexdigest()}").path == path
+    with pytest.raises(VlprepError, match="expected"):
+        weights.resolve(f"{path}#sha256={'1' * 64}")
+    missing = tmp_path / "nope" / "faster_rcnn_from_caffe_attr.pkl"
+    with pytest.raises(VlprepError) as e:
+        weights.resolve(missing)
+    assert str(missing) in str(e.value) and "random:<seed>" in str(e.value) and "http" in str(e.value)
+    with pytest.raises(VlprepError, match=str(missing)):
+        load_detector(missing, config=BUTDConfig.tiny())
+
+
+def test_random_spec_is_deterministic_and_flagged():
+    r = weights.resolve("random:7")
+    assert r.is_random and r.seed == 7 and r.path is None and "RANDOM" in r.describe()
+    with pytest.raises(VlprepError, match="random:<integer seed>"):
+        weights.resolve("random:seven")
+    cfg = BUTDConfig.tiny()
+    a, b, c = (load_detector(spec, config=cfg) for spec in ("random:3", "random:3", "random:4"))
+    assert a.is_random and a.weights.seed == 3
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["backbone.res4.0.conv2.weight"], sc["backbone.res4.0.conv2.weight"])
+    assert all(torch.isfinite(v).all() for v in sa.values())
+
+
+def test_vocab_first_synonym_gzip_and_placeholders(tmp_path):
+    path = tmp_path / "objects_vocab.txt"
+    path.write_text("yolk\ngoal,goals\n  man , men\n\n")
+    assert weights.load_vocab(path, size=3, placeholder="object") == ["yolk", "goal", "man"]
+    gz = tmp_path / "objects_vocab.txt.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert weights.load_vocab(gz, size=3, placeholder="object") == ["yolk", "goal", "man"]
+    with pytest.raises(VlprepError, match=r"3 labels, expected 1600"):
+        weights.load_vg_objects(path)
+    assert weights.load_vg_objects("random:0")[17] == "object_17"
+    assert weights.load_vg_attributes("random:0")[3] == "attribute_3"
+    assert len(weights.load_vg_attributes("random:0")) == 400
+
+
+def test_published_defaults_are_documented():
+    assert weights.BUTD_VG_ATTR_WEIGHTS == "http://nlp.cs.unc.edu/models/faster_rcnn_from_caffe_attr.pkl"
+    assert weights.VG_OBJECTS_VOCAB.endswith("1600-400-20/objects_vocab.txt")
+
+
+def test_shared_vg_vocab():
+    vocab = SHARED / "fixtures" / "vocab"
+    if not vocab.is_dir():
+        pytest.skip(f"VG vocabularies not found under {SHARED} (the repo's sibling folder 'shared')")
+    objects = weights.load_vg_objects(vocab / "objects_vocab.txt")
+    attributes = weights.load_vg_attributes(vocab / "attributes_vocab.txt")
+    assert (len(objects), len(attributes)) == (1600, 400)
+    assert objects[0] == "yolk" and attributes[0] == "gray" and attributes[1] == "multi colored"
+    assert all(label and "," not in label for label in objects + attributes)
