@@ -502,7 +502,10 @@ class BUTDDetector(nn.Module):
         for item in batch:
             resized = resize_bgr(np.ascontiguousarray(images[item.index]), min_size, max_size)
             tensors.append(torch.from_numpy(resized.astype(np.float32).transpose(2, 0, 1)) - mean)
-        x = torch.stack(tensors).to(self.device, non_blocking=True)
+        x = torch.stack(tensors)
+        if self.device.type == "cuda":
+            x = x.pin_memory()  # page-locked, so the copy below overlaps with work already queued
+        x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)

@@ -111,7 +111,7 @@ def extract(spec: dict, dataset: str = "coco", recipe: str = "caffe36", weights:
         model = detector or load_detector(weights, device, arch, autocast, channels_last=device.startswith("cuda"))
         failed, notes, buffers = [], [], {}
         t0, done, t_model = time.time(), 0, 0.0
-        for batch in _loader(shard.items, num_workers, max(batch_size, 1)):
+        for batch in _loader(shard.items, num_workers, max(batch_size * 4, 1)):  # room to bucket by size
             good = []
             for i, bgr, note, err in batch:
                 uri = shard.items[i]
