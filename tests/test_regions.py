@@ -160,3 +160,23 @@ def test_cli_formats(tmp_path, sample, capsys):
     assert main(["regions", "extract", "--images", str(images), "--out", str(tmp_path / "p"), "--recipe", "nope",
                  "--arch", "tiny"]) == 2
     assert "unknown BUTD recipe 'nope'" in capsys.readouterr().err
+
+
+def test_flickr30k_ids_lmdb_and_hard_negatives(tmp_path, sample, detector):
+    folder = tmp_path / "flickr30k_images"
+    folder.mkdir()
+    for i, src in enumerate(sorted((sample / "images").rglob("*.jpg"))[:4]):
+        shutil.copy(src, folder / f"{1000092795 + i}.jpg")
+    out = tmp_path / "flickr30k"
+    _run(folder, out, 2, detector, dataset="flickr30k")
+    rows = list(volta_tsv.read_tsv(out / "volta" / "flickr30k_images_obj36-36.tsv"))
+    assert [r["img_id"] for r in rows] == [str(1000092795 + i) for i in range(4)]
+    assert regions.lmdb(str(out), "flickr30k")["lmdb"] == {str(out / "flickr30k_feat.lmdb"): 4}
+    karpathy = tmp_path / "dataset_flickr30k.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"split": "train", "filename": f"{1000092795 + i}.jpg", "sentences": [{"raw": f"photo {i}"}]}
+        for i in (2, 0, 3)]}))
+    captions.run(str(karpathy), "flickr30k", str(out / "annotations"))
+    regions.hard_negatives(str(out), str(out / "annotations"), "flickr30k")
+    pool = pickle.loads((out / "hard_negative.pkl").read_bytes())
+    assert pool["train_image_list"] == [1000092797, 1000092795, 1000092798]  # train-jsonl order
