@@ -24,13 +24,12 @@ Differences from the upstream builder:
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
 
-from vlprep import VlprepError
+from vlprep import VlprepError, storage
 from vlprep.formats.volta_lmdb import LmdbFeatureReader, dumps, lmdb_key, loads
 from vlprep.formats.volta_tsv import LXMERT_FIELDS, decode_row, iter_rows
 
@@ -109,21 +108,11 @@ def nearest_neighbours(
 
 def write_hard_negatives(path, pool: dict) -> None:
     """Write ``hard_negative.pkl`` atomically (protocol 4, numpy 1.x names: VOLTA's Python 3.6 reads it)."""
-    path = os.path.abspath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
     doc = {
         "train_hard_pool": np.asarray(pool["train_hard_pool"], dtype=np.int64),
         "train_image_list": list(pool["train_image_list"]),
     }
-    try:
-        with open(tmp, "xb") as f:
-            f.write(dumps(doc))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    storage.write_bytes(os.fspath(path), dumps(doc))
 
 
 def read_hard_negatives(path) -> dict:

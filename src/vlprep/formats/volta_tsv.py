@@ -25,16 +25,16 @@ import base64
 import binascii
 import contextlib
 import csv
+import io
 import itertools
 import os
 import sys
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO
 
 import numpy as np
 
-from vlprep import VlprepError
+from vlprep import VlprepError, storage
 
 VOLTA_FIELDS = (
     "img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
@@ -211,19 +211,12 @@ def read_tsv(
 
 @contextlib.contextmanager
 def atomic_text(path: str | os.PathLike) -> Iterator[IO[str]]:
-    """A text file (``newline=""``) next to ``path`` that replaces ``path`` only if the block succeeds."""
-    path = os.path.abspath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as open() would give, after umask
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """A text file (``newline=""``) that replaces ``path`` only if the block succeeds."""
+    with storage.open_write(os.fspath(path)) as raw:
+        f = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        yield f
+        f.flush()
+        f.detach()  # the binary file stays open for storage to sync and publish
 
 
 def write_tsv(
