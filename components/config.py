@@ -39,6 +39,15 @@ COMPONENTS = {
     "regions_merge": Resources("cpu", cpu="2", memory="8Gi"),
     "regions_lmdb": Resources("cpu", cpu="2", memory="8Gi"),
     "regions_hard_negatives": Resources("cpu", cpu="4", memory="32Gi"),
+    # cross-modal context (Xmodal-Ctx / HAAV)
+    "context_plan": Resources("cpu", cpu="1", memory="8Gi"),  # streams VG JSON; holds the phrase set
+    "context_plan_images": Resources("cpu", cpu="1", memory="2Gi"),
+    "context_encode_phrases": Resources("gpu", cpu="4", memory="16Gi", gpus=1),
+    "context_index": Resources("gpu", cpu="8", memory="32Gi", gpus=1),  # all keys in memory; faiss-gpu k-means
+    "context_encode_images": Resources("gpu", cpu="8", memory="32Gi", gpus=1),  # DataLoader workers cut 15 views
+    "context_retrieve_plan": Resources("cpu", cpu="1", memory="2Gi"),
+    "context_retrieve": Resources("gpu", cpu="4", memory="16Gi", gpus=1),
+    "context_merge": Resources("cpu", cpu="4", memory="16Gi"),
 }
 
 

@@ -7,6 +7,7 @@ is installed) instead of in their images.
 
 from __future__ import annotations
 
+import builtins
 import os
 import tempfile
 import warnings
@@ -49,12 +50,16 @@ def run_local(name: str, params: dict, pipeline_root: str | Path):
     pipeline_root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=True)
+    original_print = builtins.print  # kfp.local indents print() per task; parallel tasks can leave it patched
     with warnings.catch_warnings():
         # our images are not named "python"; locally the components run in this interpreter anyway
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         # resources and GPU settings are for the cluster; locally they are ignored by design
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        return get(name)(**params)
+        try:
+            return get(name)(**params)
+        finally:
+            builtins.print = original_print
 
 
 def submit(name: str, host: str, params: dict, experiment: str = "vlprep", run_name: str | None = None,

@@ -208,6 +208,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-lmdb", dest="lmdb", action="store_false", help="skip the LMDB build")
     s.add_argument("--annotations", help="caption annotations folder (train_ann.jsonl) for hard_negative.pkl")
     s.set_defaults(func=cmd_regions)
+
+    from vlprep.stages import context
+
+    context.add_cli(sub)  # vlprep ctx phrases | run
     return p
 
 

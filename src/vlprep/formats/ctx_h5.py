@@ -19,6 +19,9 @@ gzip is h5py's ``compression="gzip"`` (level 4, automatic chunks), as upstream. 
 are stored as int64 scalars (upstream writes Python ints). Writers append one image (or batch) at a
 time to a temp file beside the target and rename it into place on :meth:`close`; on error the temp
 file is removed and no target appears.
+
+Image ids are ints (upstream's COCO ids); a string that is not a decimal number (a non-COCO file stem)
+names its entry as it is (:func:`entry_name`), and readers return it as a string.
 """
 
 from __future__ import annotations
@@ -58,6 +61,27 @@ class Retrieved:
     features: np.ndarray
     scores: np.ndarray
     texts: Sequence
+
+
+def entry_name(image_id: int | str) -> str:
+    """The HDF5 name of an image: the decimal id, no padding, for an int or a string of ASCII digits
+    (``"000042"`` -> ``"42"``); any other string (a non-COCO file stem, the context stage's fallback)
+    is used as it is."""
+    if isinstance(image_id, str) and not (image_id.isascii() and image_id.isdigit()):
+        if not image_id or "/" in image_id or image_id in (".", ".."):
+            raise VlprepError(f"{image_id!r} cannot name an HDF5 entry")
+        return image_id
+    return str(int(image_id))
+
+
+def _key(name: str) -> int | str:
+    """An entry name back as an image id: int for decimal names, else the name."""
+    return int(name) if name.isascii() and name.isdigit() else name
+
+
+def _order(name: str) -> tuple:
+    """Numeric ids by value first, then other names by code point."""
+    return (0, int(name), "") if name.isascii() and name.isdigit() else (1, 0, name)
 
 
 class _H5Writer:
@@ -135,7 +159,7 @@ class XcVisCtxWriter(_H5Writer):
         self._f.attrs["fdim"] = np.int64(self.fdim)
 
     def add(self, image_id: int, feature) -> None:
-        name = str(int(image_id))
+        name = entry_name(image_id)
         self._new(name)
         self._f.create_dataset(name, data=_float32(f"image {name} feature", feature, (self.fdim,)))
         self.count += 1
@@ -151,7 +175,7 @@ class HvVisCtxWriter(_H5Writer):
         self._f.attrs["fdim_grid"] = np.int64(self.fdim_grid)
 
     def add(self, image_id: int, pooled, grid) -> None:
-        name = str(int(image_id))
+        name = entry_name(image_id)
         self._new(name)
         pooled = _float32(f"image {name} pooled", pooled, (self.fdim_pooled,))
         grid = _float32(f"image {name} grid", grid, (None, self.fdim_grid))
@@ -178,7 +202,7 @@ class TxtCtxWriter(_H5Writer):
             self._f.attrs["fdim"] = np.int64(self.fdim)
 
     def add(self, image_id: int, whole: Retrieved, five: Retrieved, nine: Retrieved) -> None:
-        name = str(int(image_id))
+        name = entry_name(image_id)
         self._new(name)
         views = {}
         for view, r in zip(VIEWS, (whole, five, nine), strict=True):
@@ -232,10 +256,10 @@ def _open(path: str | Path) -> h5py.File:
         raise VlprepError(f"{path}: cannot open as HDF5 ({e})") from None
 
 
-def _ids(f: h5py.File, image_ids: Iterable[int] | None) -> list[str]:
+def _ids(f: h5py.File, image_ids: Iterable[int | str] | None) -> list[str]:
     if image_ids is None:
-        return sorted(f.keys(), key=int)
-    names = [str(int(i)) for i in image_ids]
+        return sorted(f.keys(), key=_order)
+    names = [entry_name(i) for i in image_ids]
     missing = [n for n in names if n not in f]
     if missing:
         raise VlprepError(f"{f.filename}: no entry for image id(s) {', '.join(missing[:5])}")
@@ -257,8 +281,8 @@ def read_vis_ctx(path: str | Path, image_ids: Iterable[int] | None = None) -> di
     flavor = vis_ctx_flavor(path)
     with _open(path) as f:
         if flavor == XC:
-            return {int(n): f[n][()] for n in _ids(f, image_ids)}
-        return {int(n): {"pooled": f[n]["pooled_features"][()], "grid": f[n]["grid_features"][()]} for n in _ids(f, image_ids)}
+            return {_key(n): f[n][()] for n in _ids(f, image_ids)}
+        return {_key(n): {"pooled": f[n]["pooled_features"][()], "grid": f[n]["grid_features"][()]} for n in _ids(f, image_ids)}
 
 
 def _decode(arr: np.ndarray):
@@ -270,7 +294,7 @@ def read_txt_ctx(path: str | Path, image_ids: Iterable[int] | None = None) -> di
     out: dict[int, dict[str, Retrieved]] = {}
     with _open(path) as f:
         for n in _ids(f, image_ids):
-            out[int(n)] = {
+            out[_key(n)] = {
                 v: Retrieved(f[n][v]["features"][()], f[n][v]["scores"][()], _decode(f[n][v]["texts"][()]))
                 for v in VIEWS
             }
