@@ -90,3 +90,17 @@ def test_component_images_come_from_one_place():
         assert config.image(name) in config.IMAGES.values()
     dockerfiles = {p.stem.split(".")[0] for p in (REPO / "images").glob("*.Dockerfile")}
     assert set(config.IMAGES) == dockerfiles
+
+
+def test_wheel_the_images_install_carries_everything(tmp_path):
+    """The images `pip install .`: the wheel must hold components, pipelines and the sample data."""
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("vlprep-*.whl"))).namelist())
+    for needed in ("vlprep/stages/regions.py", "vlprep_components/config.py", "vlprep_pipelines/demo.py",
+                   "vlprep/sample/dataset_coco.json", "vlprep/sample/vg/attributes.json",
+                   "vlprep/sample/images/val2014/COCO_val2014_000000000005.jpg"):
+        assert needed in names, needed
