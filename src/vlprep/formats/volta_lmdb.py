@@ -27,19 +27,15 @@ import binascii
 import csv
 import io
 import os
-import pickle
-import shutil
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
 import lmdb
 import numpy as np
 
-from vlprep import VlprepError
+from vlprep import VlprepError, safe_pickle, storage
 from vlprep.formats.volta_tsv import LXMERT_FIELDS, VOLTA_FIELDS, iter_rows, set_field_size_limit
 
 MAP_SIZE = 1 << 40  # 1 TiB, as upstream; address space only (writemap off)
-PICKLE_PROTOCOL = 4
 KEYS_KEY = b"keys"
 DATASETS = ("coco", "flickr30k")
 NUM_LOCS = (4, 5, 7)
@@ -63,62 +59,22 @@ def lmdb_key(img_id, dataset: str) -> bytes:
 # --- pickles --------------------------------------------------------------------------------------
 
 
-class _CompatPickler(pickle._Pickler):
-    """Pure-Python pickler that names numpy internals ``numpy.core.*`` (loadable by numpy 1.x and 2.x)."""
-
-    def save_global(self, obj, name=None):
-        module = getattr(obj, "__module__", None) or ""
-        if module == "numpy._core" or module.startswith("numpy._core."):
-            name = name or obj.__qualname__
-            self.write(pickle.GLOBAL + f"numpy.core{module[len('numpy._core') :]}\n{name}\n".encode())
-            self.memoize(obj)
-        else:
-            super().save_global(obj, name)
-
-
 def dumps(obj) -> bytes:
-    """Pickle readable by VOLTA's environment (Python 3.6, numpy 1.x): protocol 4, numpy 1.x names."""
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else [obj]
-    if all(type(v) in (str, bytes, int, float) for v in items):  # exact: np.float64 subclasses float
-        return pickle.dumps(obj, protocol=PICKLE_PROTOCOL)  # no numpy inside: the fast C pickler
-    buf = io.BytesIO()
-    _CompatPickler(buf, protocol=PICKLE_PROTOCOL).dump(obj)
-    return buf.getvalue()
+    """An LMDB value VOLTA's environment reads (Python 3.6, numpy 1.x): see :mod:`vlprep.safe_pickle`."""
+    return safe_pickle.dumps(obj)
 
 
-_SAFE_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("_codecs", "encode"),  # bytes in protocol-2 pickles
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    *(
-        (m, n)
-        for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for n in ("_reconstruct", "scalar")
-    ),
-    *((m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")),
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: only containers, str and numpy data are allowed"
-        )
-
-
-def loads(data: bytes):
-    """Unpickle containers, str/bytes and numpy arrays or scalars; anything else raises."""
-    return _SafeUnpickler(io.BytesIO(data)).load()
+def loads(data: bytes, source: str = "LMDB value"):
+    """Unpickle containers, str/bytes and numpy arrays or scalars; anything else raises ``VlprepError``."""
+    return safe_pickle.loads(data, source)
 
 
 # --- writer ---------------------------------------------------------------------------------------
 
 
 class LmdbWriter:
-    """Builds an LMDB under a hidden temp name and renames it to ``path`` when complete.
+    """Builds an LMDB in a hidden temp directory and publishes it to ``path`` when complete
+    (:class:`vlprep.storage.LocalBuild`).
 
     ``put`` adds one image; a transaction is committed every ``commit_every`` puts. ``close``
     (or leaving the ``with`` block normally) writes ``b"keys"``, syncs and renames; an exception
@@ -128,13 +84,8 @@ class LmdbWriter:
     def __init__(self, path, *, commit_every: int = 64, map_size: int = MAP_SIZE, overwrite: bool = False):
         if commit_every < 1:
             raise VlprepError(f"commit_every must be >= 1 (got {commit_every})")
-        self.path = os.path.abspath(path)
-        if os.path.exists(self.path) and not overwrite:
-            raise VlprepError(f"{self.path} already exists; remove it or pass overwrite=True")
-        parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{uuid.uuid4().hex[:12]}.building")
-        os.mkdir(self.tmp)  # mode 0o777 less umask, like any directory a user makes
+        self._build = storage.LocalBuild(path, directory=True, overwrite=overwrite)
+        self.path, self.tmp = str(self._build.target), str(self._build.tmp)
         self.commit_every = commit_every
         self.map_size = map_size
         self.keys: list[bytes] = []
@@ -144,7 +95,7 @@ class LmdbWriter:
                 self.tmp, map_size=map_size, subdir=True, writemap=False, sync=False, metasync=False
             )
         except lmdb.Error as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._build.discard()
             raise VlprepError(
                 f"{self.path}: cannot create LMDB ({e}); with little address space lower map_size"
             ) from None
@@ -177,19 +128,12 @@ class LmdbWriter:
         self._txn.commit()
         self._env.sync(True)
         self._env.close()
-        old = None
-        if os.path.exists(self.path):  # overwrite=True: swap, then delete the old one
-            old = self.tmp + ".old"
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        _fsync_dir(os.path.dirname(self.path))
-        if old:
-            shutil.rmtree(old)
+        self._build.publish()
 
     def abort(self) -> None:
         self._txn.abort()
         self._env.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._build.discard()
 
     def __enter__(self) -> LmdbWriter:
         return self
@@ -199,14 +143,6 @@ class LmdbWriter:
             self.close()
         else:
             self.abort()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def build_lmdb(
