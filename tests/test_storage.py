@@ -237,3 +237,18 @@ def test_local_build_swaps_a_directory_only_when_complete(tmp_path):
     assert (target / "data.mdb").read_text() == "new" and os.listdir(tmp_path) == ["out.lmdb"]
     with pytest.raises(VlprepError, match="already exists"):
         storage.LocalBuild(target, directory=True, overwrite=False)
+
+
+@pytest.mark.parametrize("uri", ["gs://", "gs:/bucket/x", "gs:bucket/x", "GS://bucket/x", "gs:///x", "s3://b/k",
+                                 "gs://Bad_Bucket!/x"])
+def test_malformed_uris_are_errors_never_local_folders(uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VlprepError, match="URI"):
+        storage.write_text(storage.join(uri, "a.txt"), "x")
+    assert os.listdir(tmp_path) == []  # no local folder named gs: or s3:
+
+
+def test_local_names_with_a_colon_later_are_still_local(tmp_path):
+    uri = str(tmp_path / "run:1" / "a.txt")
+    storage.write_text(uri, "x")
+    assert storage.read_text(uri) == "x" and storage.read_text("./" + os.path.relpath(uri)) == "x"

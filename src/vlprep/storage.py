@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -27,8 +28,25 @@ from vlprep import VlprepError
 CHUNK = 8 * 1024 * 1024  # read/write block and GCS resumable chunk size (a multiple of 256 KiB)
 
 
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
 def is_gcs(uri: str) -> bool:
-    return str(uri).startswith("gs://")
+    """True for ``gs://BUCKET/...``; a malformed URI that only looks like one is an error, never a local path."""
+    uri = str(uri)
+    if uri.startswith("gs://"):
+        bucket = uri[len("gs://"):].split("/", 1)[0]
+        if not _BUCKET.fullmatch(bucket):
+            raise VlprepError(f"{uri}: not a valid gs:// URI (bucket {bucket!r}); write gs://BUCKET/path")
+        return True
+    scheme = _SCHEME.match(uri)
+    if scheme:
+        raise VlprepError(
+            f"{uri}: {scheme.group(0)!r} looks like a URI scheme, but only gs://BUCKET/path and local paths are "
+            "supported; fix the URI (e.g. gs:/b -> gs://b), or write ./" + uri + " for a local file of that name"
+        )
+    return False
 
 
 def join(base: str, *parts: str) -> str:
