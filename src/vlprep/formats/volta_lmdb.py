@@ -27,6 +27,7 @@ import binascii
 import csv
 import io
 import os
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 import lmdb
@@ -263,6 +264,41 @@ def region_features(
     return features, num_boxes, spatials, pixel_boxes
 
 
+_META = struct.Struct("<I")  # mm_magic, at byte 16 of a meta page
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def check_lmdb_file(path: str) -> None:
+    """Refuse a ``data.mdb`` shorter than its own meta pages say it is (LMDB would SIGBUS on it).
+
+    Each of the two meta pages (pages 0 and 1) holds, after a 16-byte page header: magic, version,
+    address, map size, two 48-byte database records (the first one's leading 4 bytes are the page
+    size) and then the last used page number and the transaction id. The newer meta page says how
+    many pages the file must hold.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4096 * 2 + 160)
+    except OSError as e:
+        raise VlprepError(f"{path}: cannot read ({e})") from None
+    if len(head) < 160 or _META.unpack_from(head, 16)[0] != _LMDB_MAGIC:
+        raise VlprepError(f"{path}: not an LMDB data file (no LMDB magic); rebuild it")
+    psize = struct.unpack_from("<I", head, 16 + 24)[0]
+    metas = []
+    for page in (0, 1):
+        off = page * psize
+        if len(head) >= off + 160 and _META.unpack_from(head, off + 16)[0] == _LMDB_MAGIC:
+            last_pg, txnid = struct.unpack_from("<QQ", head, off + 16 + 24 + 96)
+            metas.append((txnid, last_pg))
+    if not metas or psize not in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+        raise VlprepError(f"{path}: the LMDB meta pages are corrupt; rebuild the file")
+    _, last_pg = max(metas)
+    need = (last_pg + 1) * psize
+    if size < need:
+        raise VlprepError(f"{path}: truncated ({size} bytes, its meta page says {need}); rebuild or re-download it")
+
+
 class _ReaderBase:
     def __init__(self, *, feature_size=2048, num_locs=5, add_global_imgfeat=None, norm_embeddings=False):
         self.options = {
@@ -292,7 +328,14 @@ class _ReaderBase:
 
     def __getitem__(self, image_id) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
         """``(features, num_boxes, spatials, pixel_boxes)``; see ``region_features``."""
-        return region_features(self.item(image_id), **self.options)
+        self._key(image_id)  # an unknown id is a KeyError, as in VOLTA
+        try:
+            return region_features(self.item(image_id), **self.options)
+        except (KeyError, TypeError, ValueError, binascii.Error, UnicodeError) as e:
+            raise VlprepError(
+                f"{self.path}: the value of image {image_id!r} is corrupt ({type(e).__name__}: {str(e)[:120]}); "
+                "rebuild the file"
+            ) from None
 
     def __enter__(self):
         return self
@@ -313,21 +356,37 @@ class LmdbFeatureReader(_ReaderBase):
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise VlprepError(f"{self.path}: no LMDB directory there; build it with build_lmdb")
-        self.env = lmdb.open(
-            self.path, max_readers=1, readonly=True, lock=False, readahead=False, meminit=False
-        )
-        with self.env.begin(write=False) as txn:
-            raw = txn.get(KEYS_KEY)
+        check_lmdb_file(os.path.join(self.path, "data.mdb"))  # a truncated file would SIGBUS the reader
+        try:
+            self.env = lmdb.open(
+                self.path, max_readers=1, readonly=True, lock=False, readahead=False, meminit=False
+            )
+            with self.env.begin(write=False) as txn:
+                raw = txn.get(KEYS_KEY)
+        except lmdb.Error as e:
+            raise VlprepError(f"{self.path}: not a readable LMDB ({type(e).__name__}: {e}); rebuild it") from None
         if raw is None:
             self.env.close()
             raise VlprepError(f"{self.path}: LMDB has no b'keys' entry; it is not a VOLTA feature LMDB")
-        self._index = {key: i for i, key in enumerate(loads(raw))}
+        keys = loads(raw, f"{self.path} b'keys'")
+        if not isinstance(keys, list) or not all(isinstance(k, bytes) for k in keys):
+            raise VlprepError(f"{self.path}: b'keys' is not a list of bytes; not a VOLTA feature LMDB")
+        self._index = {key: i for i, key in enumerate(keys)}
 
     def item(self, image_id) -> dict:
         """The stored value: a dict of str fields (TSV-derived) or numpy arrays (H5-derived)."""
         key = self._key(image_id)
-        with self.env.begin(write=False) as txn:
-            return loads(txn.get(key))
+        try:
+            with self.env.begin(write=False) as txn:
+                raw = txn.get(key)
+        except lmdb.Error as e:
+            raise VlprepError(f"{self.path}: cannot read image {image_id!r} ({e}); rebuild the file") from None
+        if raw is None:
+            raise VlprepError(f"{self.path}: image {image_id!r} is listed in b'keys' but has no value; rebuild it")
+        value = loads(raw, f"{self.path} image {image_id!r}")
+        if not isinstance(value, dict):
+            raise VlprepError(f"{self.path}: the value of image {image_id!r} is not a dict; not a VOLTA LMDB")
+        return value
 
     def close(self) -> None:
         self.env.close()
@@ -349,9 +408,17 @@ class TsvFeatureReader(_ReaderBase):
         for line in self._file:
             if line.strip():
                 img_id = line.split(b"\t", 1)[0]
-                if img_id.startswith(b'"'):  # a quoted id: let csv unquote it
-                    img_id = next(csv.reader(io.StringIO(line.decode()), delimiter="\t"))[0].encode()
-                self._index.setdefault(lmdb_key(img_id.decode(), dataset), offset)
+                try:
+                    if img_id.startswith(b'"'):  # a quoted id: let csv unquote it
+                        img_id = next(csv.reader(io.StringIO(line.decode()), delimiter="\t"))[0].encode()
+                    key = lmdb_key(img_id.decode(), dataset)
+                except (UnicodeError, csv.Error, VlprepError) as e:
+                    self._file.close()
+                    raise VlprepError(
+                        f"{self.path}: the line at byte {offset} has no readable image id ({str(e)[:100]}); "
+                        "not a VOLTA/LXMERT TSV, or corrupt"
+                    ) from None
+                self._index.setdefault(key, offset)
             offset += len(line)
 
     def item(self, image_id) -> dict:
