@@ -28,7 +28,7 @@ from vlprep import VlprepError
 CHUNK = 8 * 1024 * 1024  # read/write block and GCS resumable chunk size (a multiple of 256 KiB)
 
 
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+_BUCKET = re.compile(r"[a-z0-9]([a-z0-9._-]{0,220}[a-z0-9])?")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 

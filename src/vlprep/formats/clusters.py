@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlprep import VlprepError, storage
-from vlprep.formats.volta_lmdb import dumps, loads  # moving to vlprep.safe_pickle on main
 from vlprep.formats.xlxmert_h5 import ENCODER, FEATURE_DIM, PartWriter, feature_file, part_count, read_part
+from vlprep.safe_pickle import dumps, loads
 
 CLUSTER_DIR = "clustering"
 # upstream name -> (dataset, image folder) of its grid HDF5 (feature_file)
