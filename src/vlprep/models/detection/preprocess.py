@@ -59,29 +59,30 @@ def resize_bgr(bgr: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- X-LXMERT (vqa-maskrcnn-benchmark)
 
-XLXMERT_MIN_SIZE, XLXMERT_MAX_SIZE = 800, 1333
 
-
-def xlxmert_scale(h: int, w: int) -> float:
-    """``800 / short side``, or ``1333 / long side`` when ``round(scale * long) > 1333`` (upstream's test)."""
-    scale = XLXMERT_MIN_SIZE / min(h, w)
-    if np.round(scale * max(h, w)) > XLXMERT_MAX_SIZE:
-        scale = XLXMERT_MAX_SIZE / max(h, w)
+def xlxmert_scale(h: int, w: int, min_size: int = 800, max_size: int = 1333) -> float:
+    """``min_size / short side``, or ``max_size / long side`` when ``round(scale * long) > max_size``
+    (upstream's test, with its constants 800 and 1333)."""
+    scale = min_size / min(h, w)
+    if np.round(scale * max(h, w)) > max_size:
+        scale = max_size / max(h, w)
     return float(scale)
 
 
-def grid_input_hw(h: int, w: int, imsize: int | None = None) -> tuple[int, int]:
+def grid_input_hw(
+    h: int, w: int, imsize: int | None = None, min_size: int = 800, max_size: int = 1333
+) -> tuple[int, int]:
     """grid8's input size: ``imsize`` square, else ``int(scale * side)`` floored to a multiple of 32 each."""
     if imsize:
         return imsize, imsize
-    scale = xlxmert_scale(h, w)
+    scale = xlxmert_scale(h, w, min_size, max_size)
     nh, nw = int(scale * h), int(scale * w)
     return nh - nh % 32, nw - nw % 32
 
 
-def boxes_input_hw(h: int, w: int) -> tuple[int, int]:
+def boxes_input_hw(h: int, w: int, min_size: int = 800, max_size: int = 1333) -> tuple[int, int]:
     """boxes36's input size: ``cv2.resize(fx=fy=scale)`` rounds ``side * scale`` to nearest (half to even)."""
-    scale = xlxmert_scale(h, w)
+    scale = xlxmert_scale(h, w, min_size, max_size)
     return int(np.rint(h * scale)), int(np.rint(w * scale))
 
 

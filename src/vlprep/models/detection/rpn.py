@@ -143,7 +143,7 @@ class FPNRPN(nn.Module):
     ):
         super().__init__()
         self.head = head
-        self._cells, self.strides, self.params = list(cells), tuple(strides), params
+        self.cells, self.strides, self.params = list(cells), tuple(strides), params
 
     def _level(
         self, logits: Tensor, deltas: Tensor, anchors: Tensor, hw: tuple[int, int]
@@ -164,7 +164,7 @@ class FPNRPN(nn.Module):
         """Per image: (proposals [R,4] float32 in input pixels, objectness [R]), best first."""
         levels = []
         with torch.autocast(device_type=feats[0].device.type, enabled=False):
-            for feat, cell, stride in zip(feats, self._cells, self.strides, strict=True):
+            for feat, cell, stride in zip(feats, self.cells, self.strides, strict=True):
                 anchors = grid_anchors(cell.to(feat.device), tuple(feat.shape[-2:]), stride)
                 levels.append((*_flatten(*self.head(feat.float())), anchors))
         out = []
