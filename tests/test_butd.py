@@ -493,3 +493,26 @@ def test_full_architecture_names_match_detectron2_list():
     model = BUTDDetector(BUTDConfig())
     ours = {k: tuple(v.shape) for k, v in to_d2_state_dict(model).items()}
     assert ours == listed
+
+
+def test_volta_record_puts_background_first_and_needs_attributes(tiny_detector):
+    img = _synthetic_images()[0]
+    result = tiny_detector.extract([img], get_recipe("caffe36", min_size=128, max_size=224))[0]
+    n, c = result["cls_prob"].shape
+    assert c == tiny_detector.cfg.num_classes + 1
+    record = volta_record(result, "COCO_val2014_000000000042")
+    assert (record["img_id"], record["img_h"], record["img_w"]) == ("COCO_val2014_000000000042", *img.shape[:2])
+    assert np.array_equal(record["cls_prob"][:, 0], result["cls_prob"][:, -1])  # background
+    assert np.array_equal(record["cls_prob"][:, 1:], result["cls_prob"][:, :-1])
+    assert np.array_equal(record["attr_prob"][:, 0], result["attr_prob"][:, -1])  # no-attribute
+    assert np.array_equal(record["features"], result["features"])
+    no_attr = {k: v for k, v in result.items() if not k.startswith("attr_")}
+    with pytest.raises(VlprepError, match="no attributes"):
+        volta_record(no_attr, "x")
+
+
+def test_recipes_have_exif_and_box_range():
+    assert all(r.exif for r in RECIPES.values())  # cv2.imread applies the EXIF orientation
+    assert RECIPES["caffe10-100"].box_range == (10, 100)
+    assert RECIPES["d2-maxnms36-volta"].box_range == (36, 36)
+    assert get_recipe("given-boxes", grid=4).box_range == (16, 16)
