@@ -15,7 +15,7 @@ import torch
 
 from vlprep import VlprepError
 from vlprep.models import weights
-from vlprep.models.butd import BUTDConfig, load_detector
+from vlprep.models.detection.butd import BUTDConfig, load_detector
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

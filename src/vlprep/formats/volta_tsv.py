@@ -118,6 +118,27 @@ def encode_record(record: Mapping, fields: Sequence[str] = VOLTA_FIELDS) -> dict
     return {field: row[field] for field in fields}
 
 
+def volta_record(result: Mapping, img_id: str | int) -> dict:
+    """The record :class:`TsvWriter` writes for one detector result (``vlprep.models.detection.selection``
+    keys): ``img_id``, ``img_h`` / ``img_w`` from ``image_h`` / ``image_w``, and ``cls_prob`` /
+    ``attr_prob`` with their last column (background / no-attribute, the model's order) moved FIRST,
+    VOLTA's Caffe convention. Other keys are passed through."""
+    if "attr_prob" not in result:
+        raise VlprepError(
+            f"image {img_id}: the detector result has no attributes; VOLTA's 13-field TSV needs a model "
+            "with an attribute head (BUTD)"
+        )
+    cls_prob, attr_prob = np.asarray(result["cls_prob"]), np.asarray(result["attr_prob"])
+    return {
+        **result,
+        "img_id": img_id,
+        "img_h": result["image_h"],
+        "img_w": result["image_w"],
+        "cls_prob": np.concatenate([cls_prob[:, -1:], cls_prob[:, :-1]], axis=1),
+        "attr_prob": np.concatenate([attr_prob[:, -1:], attr_prob[:, :-1]], axis=1),
+    }
+
+
 class TsvWriter:
     """Writes records (or already-encoded rows) to a text stream opened with ``newline=""``.
 

@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 # The detectron2 port of the BUTD Visual Genome R-101-C4 attribute model (36-box Caffe model), which
 # VOLTA's features_extraction/README puts in ~/.torch/fvcore_cache/models/.
 BUTD_VG_ATTR_WEIGHTS = "http://nlp.cs.unc.edu/models/faster_rcnn_from_caffe_attr.pkl"
-# The same port of the original 10-100-box Caffe model (file name from the PB README; unverified).
-BUTD_VG_ATTR_WEIGHTS_ORIGINAL = "http://nlp.cs.unc.edu/models/faster_rcnn_from_caffe_attr_original.pkl"
 # The 1600-400-20 Visual Genome vocabularies (BUTD data/genome/1600-400-20/, also in PB).
 _VG_VOCAB_BASE = (
     "https://raw.githubusercontent.com/peteanderson80/bottom-up-attention/master/data/genome/1600-400-20/"

@@ -4,7 +4,7 @@ Steps (each a KFP component; ``run`` does them all in one process):
 - ``plan``: sorted image list (a COCO root with split folders, a Flickr30k folder, a list file or a
   Karpathy file) split into shards.
 - ``extract`` (one GPU pod per shard): images decoded in DataLoader workers, batched by the detector
-  so that batching never changes an image's result (``models/butd.py`` buckets by resized size), one
+  so that batching never changes an image's result (``models/detection`` buckets by resized size), one
   13-field VOLTA TSV part per image folder (COCO split). Undecodable images are skipped and listed
   in the done-marker.
 - ``merge``: per split, ``volta/{split}_obj{lo}-{hi}.tsv`` (13 fields) and
@@ -41,15 +41,9 @@ def work_dir(out: str) -> str:
 
 
 def box_range(recipe: str, recipe_params: dict | None = None) -> tuple[int, int]:
-    from vlprep.models.butd_recipes import get_recipe
+    from vlprep.models.detection.selection import get_recipe
 
-    r = get_recipe(recipe, **(recipe_params or {}))
-    if hasattr(r, "min_boxes"):
-        return r.min_boxes, r.max_boxes
-    if hasattr(r, "num_objects"):
-        return r.num_objects, r.num_objects
-    n = (r.grid or 8) ** 2  # given boxes: the grid unless the caller gives boxes
-    return n, n
+    return get_recipe(recipe, **(recipe_params or {})).box_range
 
 
 def tsv_name(split: str, recipe: str, recipe_params: dict | None = None) -> str:
@@ -88,7 +82,7 @@ def _loader(items: list[str], num_workers: int, prefetch: int):
 
 def load_detector(weights: str, device: str = "cpu", arch: str = "full", autocast: str = "",
                   channels_last: bool = False):
-    from vlprep.models import butd
+    from vlprep.models.detection import butd
 
     cfg = butd.BUTDConfig.tiny() if arch == "tiny" else butd.BUTDConfig()
     return butd.load_detector(weights, config=cfg, device=device, autocast_dtype=autocast or None,
@@ -100,7 +94,7 @@ def extract(spec: dict, dataset: str = "coco", recipe: str = "caffe36", weights:
             recipe_params: dict | None = None, autocast: str = "", detector=None) -> dict:
     """Extract one shard: a 13-field VOLTA TSV part per image folder, then the done-marker."""
     from vlprep.formats import volta_tsv
-    from vlprep.models.butd_recipes import get_recipe
+    from vlprep.models.detection.selection import get_recipe
 
     rec = get_recipe(recipe, **(recipe_params or {}))
     lo, _ = box_range(recipe, recipe_params)
@@ -129,7 +123,7 @@ def extract(spec: dict, dataset: str = "coco", recipe: str = "caffe36", weights:
                 if r["num_boxes"] < lo and recipe == "d2-maxnms36-volta":
                     failed.append({"item": uri, "error": f"only {r['num_boxes']} boxes (VOLTA skips these)"})
                     continue
-                record = {**r, "img_id": imgs.image_id(uri, dataset), "img_h": r["image_h"], "img_w": r["image_w"]}
+                record = volta_tsv.volta_record(r, imgs.image_id(uri, dataset))
                 buf = buffers.setdefault(imgs.split_of(uri), io.StringIO(newline=""))
                 volta_tsv.TsvWriter(buf).write(record)
             done += len(batch)

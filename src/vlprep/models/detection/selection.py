@@ -27,7 +27,7 @@ d2-maxnms36-volta  -            VOLTA ``features_extraction/detectron2_proposal_
                                 decides.
 given-boxes        grid_        PB ``demo_feature_extraction_attr_given_box.ipynb``: caller-given boxes
                                 (original pixels), no RPN; without boxes, a ``grid`` x ``grid`` grid
-                                (:func:`grid_boxes`).
+                                (:func:`vlprep.models.detection.boxes.grid_boxes`).
 =================  ===========  ==========================================================================
 
 The d2 recipes map boxes back with ``detector_postprocess``: scale by (W/w, H/h), clip to the original
@@ -36,25 +36,28 @@ slightly different regions, as upstream (PB README, issues #1/#15). All recipes 
 port's model and preprocessing (Pillow bilinear resize, ``min_size``/``max_size`` per recipe): the caffe
 recipes reproduce the Caffe selection rule, not the Caffe network's cv2-resized numbers.
 
-Result keys (numpy): ``boxes`` float32 [N,4] (x0,y0,x1,y1, original pixels), ``obj_ids`` int64 and
-``obj_conf`` float32 (foreground class among 1600, 0-based; its probability under the softmax over
-all 1601 logits), ``attr_ids`` int64 / ``attr_conf`` float32 (argmax/max of the softmax over the 400
-attribute logits without no-attribute, as in PB: not the Caffe value), ``features`` float32 [N,2048],
-``num_boxes``, ``image_h``, ``image_w``, and for VOLTA's 13-field TSV, in the **Caffe convention with
-background / no-attribute FIRST**: ``cls_prob`` float32 [N,1601] (the 1601-way softmax, background moved
-from last to index 0) and ``attr_prob`` float32 [N,401] (the 401-way softmax over all attribute logits,
-no-attribute moved from last to index 0). So ``obj_conf == cls_prob[:, 1:].max(1)`` and
-``obj_ids == cls_prob[:, 1:].argmax(1)`` (except d2-nb36, whose class is the detected one), while
-``attr_conf`` is renormalised over 400 and differs from ``attr_prob[:, 1:].max(1)``.
+Result keys (numpy), format-neutral (the model's own column order): ``boxes`` float32 [N,4] (x0,y0,x1,y1,
+original pixels), ``obj_ids`` int64 and ``obj_conf`` float32 (foreground class among 1600, 0-based; its
+probability under the softmax over all 1601 logits), ``features`` float32 [N,2048], ``num_boxes``,
+``image_h``, ``image_w``, ``cls_prob`` float32 [N,1601] (the 1601-way softmax, background LAST), and
+for a model with attributes ``attr_ids`` int64 / ``attr_conf`` float32 (argmax/max of the softmax over
+the 400 attribute logits without no-attribute, as in PB: not the Caffe value) and ``attr_prob`` float32
+[N,401] (the 401-way softmax over all attribute logits, no-attribute LAST). So
+``obj_conf == cls_prob[:, :-1].max(1)`` and ``obj_ids == cls_prob[:, :-1].argmax(1)`` (except d2-nb36,
+whose class is the detected one), while ``attr_conf`` is renormalised over 400 and differs from
+``attr_prob[:, :-1].max(1)``. VOLTA's TSV wants background / no-attribute FIRST (the Caffe convention):
+:func:`vlprep.formats.volta_tsv.volta_record` reorders.
 Also: ``proposal_idx`` int64 (row among the RoIs), ``recipe``, and per recipe ``select_branch``
 (caffe: in_range / min_clamp / max_clamp), ``nms_thresh_used`` and ``num_dropped_empty`` (d2).
+
+Every recipe has ``exif`` (the image orientation policy: rotate by the EXIF orientation tag before
+detection or not) and ``box_range`` (fewest, most boxes per image).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -63,85 +66,40 @@ from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
 from vlprep import VlprepError
-
-
-@dataclass
-class RoIOutputs:
-    """RoI-head outputs for every RoI of one image (CPU, float32)."""
-
-    boxes: Tensor  # [R,4] RoIs in resized-image pixels (RPN proposals, best first, or given boxes)
-    features: Tensor  # [R,D] mean-pooled res5
-    cls_logits: Tensor  # [R,C+1], background last
-    attr_logits: Tensor  # [R,A+1], no-attribute last
-    pred_boxes: Tensor  # [R,C*4] class-specific regressed boxes, resized pixels, not clipped
-    image_hw: tuple[int, int]  # original
-    resized_hw: tuple[int, int]
-    given_boxes: Tensor | None = None  # [R,4] the caller's boxes in original pixels, when given
-    memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # shared work between recipes
-
-    @cached_property
-    def cls_prob(self) -> Tensor:
-        return self.cls_logits.softmax(dim=-1)
-
-    @cached_property
-    def attr_conf_ids(self) -> tuple[Tensor, Tensor]:
-        return self.attr_logits[:, :-1].softmax(dim=-1).max(dim=1)
-
-    @property
-    def to_original(self) -> tuple[float, float]:
-        """(scale_x, scale_y) from resized to original pixels."""
-        (h, w), (nh, nw) = self.image_hw, self.resized_hw
-        return w / nw, h / nh
-
-
-def _scale(boxes: Tensor, sx: float, sy: float) -> Tensor:
-    boxes = boxes.clone()
-    boxes[:, 0::2] *= sx
-    boxes[:, 1::2] *= sy
-    return boxes
-
-
-def _clip(boxes: Tensor, hw: tuple[int, int]) -> Tensor:
-    h, w = hw
-    boxes = boxes.clone()
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=h)
-    return boxes
-
-
-def _first(p: Tensor) -> Tensor:
-    """Move the last column (background / no-attribute) to the front: the Caffe convention."""
-    return torch.cat([p[:, -1:], p[:, :-1]], dim=1)
+from vlprep.models.detection.boxes import clip_boxes, grid_boxes, nonempty, scale_boxes
+from vlprep.models.detection.outputs import RoIOutputs
 
 
 def _result(
     out: RoIOutputs, idx: Tensor, boxes: Tensor, obj_ids: Tensor, obj_conf: Tensor, **extra: Any
 ) -> dict:
+    """One image's result dict (see the module docstring) for RoI rows ``idx``."""
     idx = idx.long()
-    attr_conf, attr_ids = out.attr_conf_ids
     h, w = out.image_hw
     res = {
         "boxes": boxes.float().numpy().reshape(-1, 4),
         "obj_ids": obj_ids.long().numpy(),
         "obj_conf": obj_conf.float().numpy(),
-        "attr_ids": attr_ids[idx].long().numpy(),
-        "attr_conf": attr_conf[idx].float().numpy(),
         "features": out.features[idx].numpy().reshape(len(idx), -1),
         "num_boxes": len(idx),
         "image_h": int(h),
         "image_w": int(w),
-        "cls_prob": _first(out.cls_prob[idx]).numpy(),
-        "attr_prob": _first(out.attr_logits[idx].softmax(dim=-1)).numpy(),
+        "cls_prob": out.cls_prob[idx].numpy(),
         "proposal_idx": idx.numpy(),
     }
+    if out.attr_logits is not None:
+        attr_conf, attr_ids = out.attr_conf_ids
+        res["attr_ids"] = attr_ids[idx].long().numpy()
+        res["attr_conf"] = attr_conf[idx].float().numpy()
+        res["attr_prob"] = out.attr_logits[idx].softmax(dim=-1).numpy()
     res.update(extra)
     return res
 
 
 def _postprocess(out: RoIOutputs, boxes: Tensor) -> tuple[Tensor, Tensor]:
     """detectron2 ``detector_postprocess``: to original pixels, clip, and a mask of non-empty boxes."""
-    boxes = _clip(_scale(boxes, *out.to_original), out.image_hw)
-    return boxes, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes = clip_boxes(scale_boxes(boxes, *out.to_original), out.image_hw)
+    return boxes, nonempty(boxes)
 
 
 def _thresholds(start: float, stop: float = 1.0, step: float = 0.1) -> list[float]:
@@ -151,13 +109,24 @@ def _thresholds(start: float, stop: float = 1.0, step: float = 0.1) -> list[floa
 
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """A named box-selection rule; ``prefix`` is its key prefix in the golden fixtures."""
+    """A named box-selection rule; ``prefix`` is its key prefix in the golden fixtures.
+
+    ``exif``: apply the EXIF orientation before detection. True for every BUTD recipe: the detectron2
+    port (PB, VOLTA ``features_extraction``) reads images with ``cv2.imread``, which applies the EXIF
+    orientation since OpenCV 3.1. Which OpenCV the original Caffe features were made with is unknown.
+    """
 
     name: str
     prefix: str
     min_size: int = 600  # shortest-edge resize
     max_size: int = 1000  # long-side cap
+    exif: bool = True
     uses_given_boxes: ClassVar[bool] = False
+
+    @property
+    def box_range(self) -> tuple[int, int]:
+        """(fewest, most) boxes an image gets."""
+        raise NotImplementedError
 
     def select(self, out: RoIOutputs) -> dict[str, Any]:
         raise NotImplementedError
@@ -172,12 +141,16 @@ class CaffeRecipe(Recipe):
     conf_thresh: float = 0.2
     nms_thresh: float = 0.3
 
+    @property
+    def box_range(self) -> tuple[int, int]:
+        return self.min_boxes, self.max_boxes
+
     def max_conf(self, out: RoIOutputs) -> Tensor:
         """Per RoI, its best probability over the classes whose NMS keeps it (0 if none)."""
         key = ("caffe_max_conf", self.nms_thresh)
         if key not in out.memo:
             fg = out.cls_prob[:, :-1]
-            boxes = _scale(out.boxes, *out.to_original)
+            boxes = scale_boxes(out.boxes, *out.to_original)
             max_conf = torch.zeros(len(boxes))
             for c in range(fg.shape[1]):
                 scores = fg[:, c].contiguous()
@@ -188,7 +161,7 @@ class CaffeRecipe(Recipe):
 
     def select(self, out: RoIOutputs) -> dict[str, Any]:
         fg = out.cls_prob[:, :-1]
-        boxes = _scale(out.boxes, *out.to_original)
+        boxes = scale_boxes(out.boxes, *out.to_original)
         max_conf = self.max_conf(out)
         keep = torch.nonzero(max_conf >= self.conf_thresh).flatten()
         branch = "in_range"
@@ -208,10 +181,14 @@ class NotebookRecipe(Recipe):
     score_thresh: float = 0.2
     nms_start: float = 0.5
 
+    @property
+    def box_range(self) -> tuple[int, int]:
+        return self.num_objects, self.num_objects
+
     def select(self, out: RoIOutputs) -> dict[str, Any]:
         fg = out.cls_prob[:, :-1]
         num_classes = fg.shape[1]
-        boxes = _clip(out.pred_boxes.reshape(-1, 4), out.resized_hw).view(-1, num_classes, 4)
+        boxes = clip_boxes(out.pred_boxes.reshape(-1, 4), out.resized_hw).view(-1, num_classes, 4)
         mask = fg > self.score_thresh
         pairs = mask.nonzero()  # (proposal, class), row-major
         cand_boxes, cand_scores = boxes[mask], fg[mask]
@@ -240,10 +217,14 @@ class MaxNMSRecipe(Recipe):
     num_objects: int = 36
     nms_start: float = 0.3
 
+    @property
+    def box_range(self) -> tuple[int, int]:
+        return self.num_objects, self.num_objects
+
     def select(self, out: RoIOutputs) -> dict[str, Any]:
         fg = out.cls_prob[:, :-1]
         num_classes = fg.shape[1]
-        boxes = _clip(out.pred_boxes.reshape(-1, 4), out.resized_hw)
+        boxes = clip_boxes(out.pred_boxes.reshape(-1, 4), out.resized_hw)
         max_scores, max_classes = fg.max(dim=1)
         max_boxes = boxes[torch.arange(len(fg)) * num_classes + max_classes]
         for t in _thresholds(self.nms_start):
@@ -264,22 +245,19 @@ class MaxNMSRecipe(Recipe):
         )
 
 
-def grid_boxes(h: int, w: int, n: int = 8) -> np.ndarray:
-    """An n x n grid over an HxW image: float32 [n*n,4] original pixels from ``linspace(0, W, n+1)`` and
-    ``linspace(0, H, n+1)``, row-major (index ``i*n + j``, i over y)."""
-    xs = np.linspace(0, w, n + 1)
-    ys = np.linspace(0, h, n + 1)
-    return np.array(
-        [[xs[j], ys[i], xs[j + 1], ys[i + 1]] for i in range(n) for j in range(n)], dtype=np.float32
-    )
-
-
 @dataclass(frozen=True, kw_only=True)
 class GivenBoxesRecipe(Recipe):
     """Features for caller-given boxes (original pixels), in the given order; ``grid`` when none are given."""
 
     grid: int | None = 8
     uses_given_boxes: ClassVar[bool] = True
+
+    @property
+    def box_range(self) -> tuple[int, int]:
+        """The grid's cell count (8x8 when no grid is set: a naming convention, as the boxes are the
+        caller's then)."""
+        n = (self.grid or 8) ** 2
+        return n, n
 
     def default_boxes(self, h: int, w: int) -> np.ndarray:
         if self.grid is None:
@@ -291,7 +269,7 @@ class GivenBoxesRecipe(Recipe):
     def select(self, out: RoIOutputs) -> dict[str, Any]:
         idx = torch.arange(len(out.boxes))
         obj_conf, obj_ids = out.cls_prob[:, :-1].max(dim=1)
-        boxes = out.given_boxes if out.given_boxes is not None else _scale(out.boxes, *out.to_original)
+        boxes = out.given_boxes if out.given_boxes is not None else scale_boxes(out.boxes, *out.to_original)
         return _result(out, idx, boxes, obj_ids, obj_conf, recipe=self.name)
 
 
