@@ -1,0 +1,108 @@
+"""Images for the matcher: decoding, Maria's transforms, and a batch loader over image URIs.
+
+Decoding is torchvision's ``default_loader`` as Maria uses it: PIL, ``convert("RGB")``, no EXIF
+orientation (CMYK, L, RGBA and PNG bytes named ``.jpg`` all load as RGB). A file that is missing,
+truncated or not an image is a failure reported with its reason, never a crash (upstream printed it
+and skipped the image). Unlike upstream (``Image.MAX_IMAGE_PIXELS = None``), images over PIL's
+decompression-bomb limit (~89 Mpx) and images under 2x2 pixels are failures too (vlprep.data.images).
+
+Transforms (``xmatching/main.py``, ``vokenization/extract_vision_keys.py``), with ImageNet mean/std:
+- eval (keys, validation): Resize(256) -> CenterCrop(224) -> ToTensor -> Normalize;
+- train: RandomResizedCrop(224) -> RandomHorizontalFlip -> ToTensor -> Normalize.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlprep import storage
+from vlprep.data import images as imgs
+from vlprep.models.matching.config import MatcherConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_transform(config: MatcherConfig) -> Callable[[Image.Image], torch.Tensor]:
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(config.resize), T.CenterCrop(config.crop), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def train_transform(config: MatcherConfig) -> Callable[[Image.Image], torch.Tensor]:
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(config.crop), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def read_rgb(uri: str) -> Image.Image:
+    """The image at ``uri`` as PIL RGB; raises ``BadImage`` (with the reason) when it cannot be read."""
+    try:
+        data = storage.read_bytes(uri)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise imgs.BadImage(f"cannot read ({e})") from None
+    bgr, _ = imgs.decode_bgr(data, uri)
+    return Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
+
+
+class _Pixels:
+    """torch Dataset: i -> (i, transformed tensor, "") or (i, None, reason)."""
+
+    def __init__(self, uris: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]):
+        self.uris, self.transform = list(uris), transform
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(read_rgb(self.uris[i])), ""
+        except imgs.BadImage as e:
+            return i, None, str(e)
+
+
+@dataclass
+class PixelBatch:
+    indices: list[int]  # positions (in the input list) of the images in ``pixels``
+    pixels: torch.Tensor | None  # (n, 3, crop, crop), None when every image of the batch failed
+    failed: list[tuple[int, str]]  # (position, reason)
+
+
+def _collate(items) -> PixelBatch:
+    ok = [(i, px) for i, px, _ in items if px is not None]
+    failed = [(i, why) for i, px, why in items if px is None]
+    pixels = torch.stack([px for _, px in ok]) if ok else None
+    return PixelBatch([i for i, _ in ok], pixels, failed)
+
+
+def _worker_init(_) -> None:
+    # a gs:// client must not be shared across a fork: each worker makes its own
+    storage._client = None
+
+
+def aligned_blocks(count: int, batch_size: int, offset: int = 0) -> list[list[int]]:
+    """Positions ``0..count-1`` cut where ``offset + position`` is a multiple of ``batch_size``.
+
+    A shard starting at item ``offset`` of a larger list then forms exactly the batches one run over the
+    whole list forms (when its bounds are multiples of ``batch_size``), so its outputs are bit-identical.
+    """
+    cuts = [0] + [p for p in range(1, count) if (offset + p) % batch_size == 0] + [count]
+    return [list(range(a, b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def pixel_batches(uris: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], *, batch_size: int,
+                  offset: int = 0, num_workers: int = 0, pin_memory: bool = False) -> Iterator[PixelBatch]:
+    """Batches of consecutive inputs aligned as :func:`aligned_blocks` (fewer pixels where images failed)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Pixels(uris, transform), batch_sampler=aligned_blocks(len(uris), batch_size, offset),
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
+                        worker_init_fn=_worker_init if num_workers else None)
+    yield from loader
