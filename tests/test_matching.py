@@ -363,8 +363,7 @@ def test_vokens_of_marias_sentences_against_upstream_keys(maria, golden, shared,
     fmt.write_tokens(prefix, [(np.array([len(x) for x in lines]), np.concatenate(lines))])
     key_sets = vk.load_key_sets(str(shared / "fixtures" / "maria" / "keys"), ["open_images"])
     tok = load_tokenizer(str(shared / "fixtures" / "maria" / "bert-base-uncased"))
-    vk.vokenize_range(prefix, 0, 5, str(tmp_path / "part.npz"), lang_model=maria.lang_model, tokenizer=tok,
-                      key_sets=key_sets)
+    vk.vokenize_range(prefix, 0, 5, str(tmp_path / "part.npz"), vk.Vokenizer(maria.lang_model, tok, key_sets))
     out = vk.merge_vokens([str(tmp_path / "part.npz")], str(tmp_path), "held_out.txt", key_sets)
     assert Path(out["vokens"]).name == "held_out.txt.open_images.24"
     names = [Path(p).name for p in key_sets.paths]

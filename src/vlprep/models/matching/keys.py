@@ -85,18 +85,19 @@ def write_ids(image_set: ImageSet, uri: str) -> None:
 
 
 def extract_keys(visn_model: torch.nn.Module, image_set: ImageSet, start: int, stop: int, part_uri: str, *,
-                 transform, batch_size: int = UPSTREAM_KEY_BATCH, device: str = "cpu", num_workers: int = 0) -> dict:
+                 transform, batch_size: int = UPSTREAM_KEY_BATCH, num_workers: int = 0) -> dict:
     """Keys of images ``[start, stop)`` of the set into one part; returns ``{"count", "failed": [...]}``.
 
-    ``visn_model``: the matcher's image tower (``Matcher.visn_model``) in eval mode on ``device``;
+    ``visn_model``: the matcher's image tower (``Matcher.visn_model``) in eval mode, on its device;
     ``transform``: ``images.eval_transform(config)``.
     """
+    device = next(visn_model.parameters()).device
     uris, ids = image_set.uris[start:stop], image_set.ids[start:stop]
     kept: list[int] = []
     keys: list[np.ndarray] = []
     failed = []
     for batch in pixel_batches(uris, transform, batch_size=batch_size, offset=start, num_workers=num_workers,
-                               pin_memory=device.startswith("cuda")):
+                               pin_memory=device.type == "cuda"):
         failed += [{"item": ids[i], "uri": uris[i], "error": why} for i, why in batch.failed]
         if batch.pixels is None:
             continue

@@ -119,27 +119,38 @@ def _pages(start: int, stop: int, page: int) -> Iterator[tuple[int, int]]:
         a = b
 
 
-def vokenize_range(tokens_prefix: str, start: int, stop: int, part_uri: str, *, lang_model: torch.nn.Module,
-                   tokenizer, key_sets: KeySets, topk: int = TOPK, page_lines: int = PAGE_LINES) -> dict:
-    """Top-``topk`` key rows of entries ``[start, stop)`` into one part (npz: ``rows`` int64, ``scores`` float32).
+@dataclass
+class Vokenizer:
+    """What vokenization needs: the sentence tower (eval mode, on its device), the tokenizer's special ids
+    and the key sets; ``topk`` results per entry, computed in pages of ``page_lines`` entries."""
 
-    ``lang_model``: the matcher's sentence tower (``Matcher.lang_model``) in eval mode, on its device.
-    """
+    lang_model: torch.nn.Module
+    tokenizer: object
+    key_sets: KeySets
+    topk: int = TOPK
+    page_lines: int = PAGE_LINES
+
+    def search_lines(self, lines: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) (n, topk) of token lines, in one batch."""
+        tok = self.tokenizer
+        ids, mask = query_batch(lines, cls_id=tok.cls_token_id, sep_id=tok.sep_token_id, pad_id=tok.pad_token_id)
+        device = next(self.lang_model.parameters()).device
+        with torch.inference_mode():
+            queries = self.lang_model(ids.to(device), mask.to(device)).float().cpu().numpy()
+        return self.key_sets.search(queries, self.topk)
+
+
+def vokenize_range(tokens_prefix: str, start: int, stop: int, part_uri: str, vokenizer: Vokenizer) -> dict:
+    """Top-k key rows of entries ``[start, stop)`` into one part (npz: ``rows`` int64, ``scores`` float32)."""
     offsets = fmt.read_offsets(tokens_prefix)
     lines = fmt.read_token_lines(tokens_prefix, start, stop, offsets)
-    device = next(lang_model.parameters()).device
-    special = {"cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id, "pad_id": tokenizer.pad_token_id}
-    rows, scores = [], []
-    for a, b in _pages(start, stop, page_lines):
-        ids, mask = query_batch(lines[a - start: b - start], **special)
-        with torch.inference_mode():
-            queries = lang_model(ids.to(device), mask.to(device)).float().cpu().numpy()
-        s, r = key_sets.search(queries, topk)
+    rows, scores = [np.zeros((0, vokenizer.topk), np.int64)], [np.zeros((0, vokenizer.topk), np.float32)]
+    for a, b in _pages(start, stop, vokenizer.page_lines):
+        s, r = vokenizer.search_lines(lines[a - start: b - start])
         rows.append(r)
         scores.append(s)
     buf = io.BytesIO()
-    np.savez(buf, rows=np.concatenate(rows) if rows else np.zeros((0, topk), np.int64),
-             scores=np.concatenate(scores) if scores else np.zeros((0, topk), np.float32))
+    np.savez(buf, rows=np.concatenate(rows), scores=np.concatenate(scores))
     storage.write_bytes(part_uri, buf.getvalue())
     return {"lines": stop - start, "segmented": sum(len(x) > UPPER_BOUND for x in lines)}
 
