@@ -9,7 +9,7 @@
    ``vlprep``: ``vokenize_range`` + ``merge_vokens`` (the same work plus reading ``.line``, parts in the
    store, the ``.ids`` file); outputs checked identical.
 3. Image keys, images/s. Baseline ``upstream``: ``extract_vision_keys.py``'s loop restated (sequential
-   PIL load + transform, batches of the model). ``vlprep``: ``extract_keys`` (DataLoader workers) +
+   ``default_loader`` (PIL open + convert RGB) + transform, batches of the model). ``vlprep``: ``extract_keys`` (DataLoader workers) +
    ``merge_keys``.
 
 Weights are random and tiny (throughput of the plumbing, not of BERT-base). Ratios are vlprep / baseline
@@ -35,7 +35,7 @@ from vlprep.formats import vokens as fmt
 from vlprep.models.matching import keys as mk
 from vlprep.models.matching import vokenize as vk
 from vlprep.models.matching.config import TINY
-from vlprep.models.matching.images import eval_transform, read_rgb
+from vlprep.models.matching.images import eval_transform
 from vlprep.models.matching.model import load_matcher
 from vlprep.models.matching.tokenizer import load_tokenizer
 
@@ -162,9 +162,12 @@ def bench_vokenize(tmp: Path, prefix: str, model, tok, n_keys: int, n_lines: int
 
 
 def upstream_keys(model, uris: list[str], batch: int) -> np.ndarray:
+    from PIL import Image
+
     transform, out, pending = eval_transform(TINY), [], []
     for uri in uris:
-        pending.append(transform(read_rgb(uri)))
+        with open(uri, "rb") as f:  # torchvision's default_loader
+            pending.append(transform(Image.open(f).convert("RGB")))
         if len(pending) == batch:
             with torch.no_grad():
                 out.append(model(torch.stack(pending)).numpy())
@@ -185,16 +188,17 @@ def bench_keys(tmp: Path, model, n: int, workers: int) -> None:
     t = time.perf_counter()
     base_keys = upstream_keys(model.visn_model, image_set.uris, 32)
     base = time.perf_counter() - t
-    t = time.perf_counter()
-    part = str(tmp / "keys-part.npz")
-    mk.extract_keys(model.visn_model, image_set, 0, n, part, transform=eval_transform(TINY), batch_size=32,
-                    num_workers=workers)
-    mk.merge_keys([part], str(tmp / "keys-out"), "open_images")
-    ours = time.perf_counter() - t
-    same = np.allclose(fmt.read_keys(str(tmp / "keys-out"), "open_images")[0], base_keys, atol=1e-5)
     print(f"keys      upstream sequential loop (baseline) {n / base:7.1f} images/s")
-    print(f"keys      vlprep, {workers} loader workers          {n / ours:7.1f} images/s  ratio {base / ours:5.2f}  "
-          f"same keys: {same}")
+    for w in sorted({0, workers}):
+        t = time.perf_counter()
+        part = str(tmp / f"keys-part-{w}.npz")
+        mk.extract_keys(model.visn_model, image_set, 0, n, part, transform=eval_transform(TINY), batch_size=32,
+                        num_workers=w)
+        mk.merge_keys([part], str(tmp / f"keys-out-{w}"), "open_images")
+        ours = time.perf_counter() - t
+        same = np.allclose(fmt.read_keys(str(tmp / f"keys-out-{w}"), "open_images")[0], base_keys, atol=1e-5)
+        print(f"keys      vlprep, {w} loader workers          {n / ours:7.1f} images/s  ratio {base / ours:5.2f}  "
+              f"same keys: {same}")
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 """Images for the matcher: decoding, Maria's transforms, and a batch loader over image URIs.
 
 Decoding is torchvision's ``default_loader`` as Maria uses it: PIL, ``convert("RGB")``, no EXIF
-orientation (CMYK, L, RGBA and PNG bytes named ``.jpg`` all load as RGB). A file that is missing,
-truncated or not an image is a failure reported with its reason, never a crash (upstream printed it
-and skipped the image). Unlike upstream (``Image.MAX_IMAGE_PIXELS = None``), images over PIL's
-decompression-bomb limit (~89 Mpx) and images under 2x2 pixels are failures too (vlprep.data.images).
+orientation (CMYK, L, RGBA and PNG bytes named ``.jpg`` all load as RGB), straight to a PIL image
+(``vlprep.data.images.decode_bgr`` makes BGR arrays, and converting back costs twice the decode). A
+file that is missing, truncated or not an image is a failure reported with a stable reason, never a
+crash (upstream printed it and skipped the image). Unlike upstream (``Image.MAX_IMAGE_PIXELS = None``),
+images over PIL's decompression-bomb error limit (~179 Mpx) are failures too.
 
 Transforms (``xmatching/main.py``, ``vokenization/extract_vision_keys.py``), with ImageNet mean/std:
 - eval (keys, validation): Resize(256) -> CenterCrop(224) -> ToTensor -> Normalize;
@@ -13,12 +14,12 @@ Transforms (``xmatching/main.py``, ``vokenization/extract_vision_keys.py``), wit
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from vlprep import storage
 from vlprep.data import images as imgs
@@ -47,9 +48,17 @@ def read_rgb(uri: str) -> Image.Image:
     try:
         data = storage.read_bytes(uri)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        raise imgs.BadImage(f"cannot read ({e})") from None
-    bgr, _ = imgs.decode_bgr(data, uri)
-    return Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
+        raise imgs.BadImage(f"cannot read ({type(e).__name__})") from None
+    if not data:
+        raise imgs.BadImage("zero-byte file")
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()  # raises on truncated data
+        return im if im.mode == "RGB" else im.convert("RGB")
+    except UnidentifiedImageError:
+        raise imgs.BadImage("cannot decode (not an image format PIL knows)") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a failed image, never a crash
+        raise imgs.BadImage(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
 class _Pixels:
