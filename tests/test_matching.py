@@ -27,7 +27,13 @@ from vlprep.models.matching import vokenize as vk
 from vlprep.models.matching.config import MARIA, TINY, get_config
 from vlprep.models.matching.images import eval_transform, read_rgb
 from vlprep.models.matching.loss import sent_batchwise_recall, sent_paired_hinge_rank_loss
-from vlprep.models.matching.model import build_matcher, load_matcher, maria_state_dict
+from vlprep.models.matching.model import (
+    build_bert,
+    build_matcher,
+    build_resnet,
+    load_matcher,
+    maria_state_dict,
+)
 from vlprep.models.matching.tokenizer import encode_captions, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +90,37 @@ def test_outputs_are_unit_vectors_and_backbones_frozen(tmp_path):
     assert lang.shape == (2, TINY.dim) and visn.shape == (3, TINY.dim)
     np.testing.assert_allclose(lang.norm(dim=1).numpy(), 1, atol=1e-6)
     np.testing.assert_allclose(visn.norm(dim=1).numpy(), 1, atol=1e-6)
+
+
+def test_backbone_weight_specs(tmp_path):
+    """torchvision-format ResNeXt files (plain BatchNorm, fc) and BERT state dicts, prefixed or HF folders."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    ref = ResNet(Bottleneck, list(TINY.resnet_layers), groups=TINY.resnet_groups,
+                 width_per_group=TINY.resnet_width_per_group)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.save(ref.state_dict(), tmp_path / "resnext.pth")
+    net, dim = build_resnet(TINY, str(tmp_path / "resnext.pth"))
+    ref.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, TINY.crop, TINY.crop)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+    assert dim == 2048
+    bert = build_bert(TINY, "random:4")
+    prefixed = {"bert." + k: v for k, v in bert.state_dict().items()} | {"cls.predictions.bias": torch.zeros(3)}
+    torch.save(prefixed, tmp_path / "pytorch_model.bin")
+    bert.save_pretrained(tmp_path / "bert-folder")
+    for spec in (tmp_path / "pytorch_model.bin", tmp_path / "bert-folder"):
+        loaded = build_bert(TINY, str(spec)).state_dict()
+        assert all(torch.equal(v, loaded[k]) for k, v in bert.state_dict().items())
+    with pytest.raises(VlprepError, match="hidden_size is 32"):
+        build_bert(MARIA, str(tmp_path / "bert-folder"))
+    with pytest.raises(VlprepError, match="does not fit"):
+        build_resnet(MARIA, str(tmp_path / "resnext.pth"))
 
 
 def test_configs():

@@ -29,6 +29,7 @@ CORPUS = (
     "a red circle on a white background\n"
     "\n"
     "   \t  \n"
+    "\u2028\u3000\x0b\xa0\x1c\n"
     "hello [SEP] world [CLS] [MASK] [UNK] [sep] [PAD] end\n"
     "Caf\u00e9 na\u00efve \u00c9COLE \u4f60\u597d\u4e16\u754c \U0001f600 ok\r\n"
     "\ufeff\n"
@@ -394,3 +395,30 @@ def test_max_images_and_names(vokens_inputs):
     with pytest.raises(VlprepError, match="fewer than 5 images"):
         limited_to_three = vk.load_key_sets(str(vokens_inputs["keys_dir"]), ["open_images"], max_images=3)
         limited_to_three.search(np.ones((1, TINY.dim), np.float32))
+
+
+def test_every_file_round_trips_through_gcs(gcs, vokens_inputs, tiny_matcher, corpus, tmp_path):
+    """Parts and outputs on gs:// (the emulator): tokens, keys and vokens read back as written locally."""
+    from vlprep import storage
+
+    inp = vokens_inputs
+    remote = f"{gcs}/corpus/{corpus.name}"
+    storage.upload_file(corpus, remote)
+    total = tc.count_lines(remote)
+    start = tc.byte_offsets(remote, [5])[0]
+    tc.tokenize_range(remote, 0, 5, f"{gcs}/parts/t0.npz", tokenizer=inp["tok"])
+    tc.tokenize_range(remote, 5, total, f"{gcs}/parts/t1.npz", tokenizer=inp["tok"], byte_start=start)
+    prefix = f"{gcs}/tokens/{corpus.name}.tok"
+    tc.merge_tokens([f"{gcs}/parts/t0.npz", f"{gcs}/parts/t1.npz"], prefix, drop_empty=True)
+    local = tokenize_sharded(corpus, tmp_path, inp["tok"], 1, drop_empty=True)
+    for suffix in ("", ".line", ".hdf5"):
+        assert storage.read_bytes(prefix + suffix) == Path(local + suffix).read_bytes()
+    keys, paths, ids = fmt.read_keys(str(inp["keys_dir"]), "open_images")
+    fmt.write_keys(f"{gcs}/keys", "open_images", keys, paths, ids)
+    key_sets = vk.load_key_sets(f"{gcs}/keys", ["open_images"])
+    n = len(fmt.read_offsets(prefix)) - 1
+    vk.vokenize_range(prefix, 0, n, f"{gcs}/parts/v.npz", vk.Vokenizer(tiny_matcher.lang_model, inp["tok"], key_sets))
+    out = vk.merge_vokens([f"{gcs}/parts/v.npz"], f"{gcs}/vokens", corpus.name, key_sets)
+    assert out["vokens"] == f"{gcs}/vokens/valid.pkl.txt.open_images.14"
+    assert len(fmt.read_vokens(out["vokens"])) == n
+    assert storage.read_text(out["vokens"] + ".ids").splitlines() == [f"open_images/{i}" for i in ids]

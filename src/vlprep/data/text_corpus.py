@@ -12,8 +12,9 @@ tokenizer reads as spaces). A one-utterance valid/test line has an empty context
 **Entries.** Upstream drops empty lines and lines that tokenize to nothing, so its outputs no longer
 line up with the dialog file (the dialog model pairs them line by line). By default every input line
 gives one entry here (an empty line is an empty span, which vokenization still answers, from
-``[CLS] [SEP]``). ``drop_empty=True`` reproduces upstream's files byte for byte. (A line empty after
-``strip()`` always tokenizes to nothing, so upstream's two drop rules are the one rule "no tokens".)
+``[CLS] [SEP]``). ``drop_empty=True`` reproduces upstream's files byte for byte: a line that Python's
+``strip()`` empties is never tokenized (an empty span), so upstream's two drop rules become the one
+rule "no tokens".
 Upstream's Wikipedia-only filters (paths containing ``wiki``) are not reproduced.
 
 **Shards.** ``tokenize_range`` turns lines ``[start, stop)`` into one part (npz: ``lengths`` int64 per
@@ -126,7 +127,8 @@ def tokenize_range(uri: str, start: int, stop: int, part_uri: str, *, tokenizer,
         batch.clear()
 
     for _, line in iter_lines(uri, start, stop, byte_start=byte_start):
-        batch.append(retrieval_text(line, retrieval_input))
+        text = retrieval_text(line, retrieval_input)
+        batch.append(text if text.strip() else "")  # upstream never tokenizes a line that strip() empties
         if len(batch) >= batch_lines:
             flush()
     if batch:

@@ -187,11 +187,15 @@ def build_resnet(config: MatcherConfig, weights: str) -> tuple[nn.Module, int]:
 def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], spec: str, *,
                  ignore: Sequence[str] = (), skip_missing: Sequence[str] = ()) -> None:
     state = {k: v for k, v in state.items() if not any(k.endswith(s) for s in ignore)}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(tuple(skip_missing))]
-    if missing or unexpected:
+    expected = module.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in state and not k.startswith(tuple(skip_missing))]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected or wrong:
         raise VlprepError(f"{spec}: does not fit the {type(module).__name__} expected (missing {missing[:4]}, "
-                          f"unexpected {unexpected[:4]}); check the weights and the matcher config")
+                          f"unexpected {unexpected[:4]}, wrong shape {wrong[:4]}); check the weights and the "
+                          "matcher config")
+    module.load_state_dict(state, strict=False)
 
 
 # ---------------------------------------------------------------- the matcher
@@ -244,15 +248,7 @@ def load_matcher(spec: str, config: str | MatcherConfig = "maria") -> Matcher:
 
     with no_init_weights():  # every tensor is overwritten below: skip the random init (seconds at full size)
         model = build_matcher(config, bert_weights="random:0", resnet_weights="random:0")
-    state = read_matcher_state(spec)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise VlprepError(f"{spec}: not a {config.name} matcher state dict (missing {missing[:4]}, unexpected "
-                          f"{unexpected[:4]}, wrong shape {wrong[:4]}); check the file and the matcher config")
-    model.load_state_dict(state, strict=True)
+    _load_strict(model, read_matcher_state(spec), spec)
     return model.eval()
 
 
