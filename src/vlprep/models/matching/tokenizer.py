@@ -54,7 +54,7 @@ def encode_ids(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
     backend = tokenizer.backend_tokenizer
     backend.no_truncation()  # a padded/truncated call (encode_captions) leaves both set on the backend
     backend.no_padding()
-    encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+    encodings = backend.encode_batch_fast(list(texts), add_special_tokens=False)  # no offsets: ids only
     return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
 
