@@ -30,7 +30,7 @@ import warnings
 from pathlib import PurePosixPath
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlprep import VlprepError, storage
 
@@ -102,12 +102,14 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     return im.convert("RGB")  # L, LA, P, PA, RGBA, CMYK, YCbCr, 1: as PIL's default loaders do
 
 
-def decode_rgb(data: bytes, name: str = "", *, exif: bool = False) -> tuple[np.ndarray, str]:
-    """uint8 RGB HxWx3 from encoded bytes, and a note ('' when nothing was odd).
+def decode_pil(data: bytes, name: str = "", *, exif: bool = False) -> tuple[Image.Image, str]:
+    """An 8-bit RGB PIL image from encoded bytes, and a note ('' when nothing was odd).
 
-    ``exif``: apply the JPEG EXIF orientation, as ``cv2.imread`` does since OpenCV 3.1; off, the pixels
-    are as stored, as ``PIL.Image.open`` gives them (X-LXMERT, Xmodal-Ctx, Maria). Each recipe states
-    its policy (see the module docstring).
+    The one decoder: every stage decodes through it (as arrays via :func:`decode_rgb` /
+    :func:`decode_bgr`, or as PIL images for torchvision transforms). ``exif``: apply the JPEG EXIF
+    orientation, as ``cv2.imread`` does since OpenCV 3.1; off, the pixels are as stored, as
+    ``PIL.Image.open`` gives them (X-LXMERT, Xmodal-Ctx, Maria). Each recipe states its policy (see the
+    module docstring). Raises :class:`BadImage` with a stable reason.
     """
     if not data:
         raise BadImage("zero-byte file")
@@ -117,6 +119,8 @@ def decode_rgb(data: bytes, name: str = "", *, exif: bool = False) -> tuple[np.n
             im = Image.open(io.BytesIO(data))
             fmt = im.format
             im.load()  # raises on truncated data
+    except UnidentifiedImageError:
+        raise BadImage("cannot decode (not an image format PIL knows)") from None
     except Exception as e:
         raise BadImage(f"cannot decode ({e.__class__.__name__}: {e})") from None
     notes = []
@@ -131,7 +135,13 @@ def decode_rgb(data: bytes, name: str = "", *, exif: bool = False) -> tuple[np.n
     im = _to_rgb(im, notes)
     if im.width < 2 or im.height < 2:
         raise BadImage(f"image is {im.width}x{im.height}")
-    return np.ascontiguousarray(np.asarray(im)), "; ".join(notes)
+    return im, "; ".join(notes)
+
+
+def decode_rgb(data: bytes, name: str = "", *, exif: bool = False) -> tuple[np.ndarray, str]:
+    """uint8 RGB HxWx3 from encoded bytes, and a note (see :func:`decode_pil`)."""
+    im, note = decode_pil(data, name, exif=exif)
+    return np.ascontiguousarray(np.asarray(im)), note
 
 
 def decode_bgr(data: bytes, name: str = "", *, exif: bool = False) -> tuple[np.ndarray, str]:

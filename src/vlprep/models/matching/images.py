@@ -2,7 +2,7 @@
 
 Decoding is torchvision's ``default_loader`` as Maria uses it: PIL, ``convert("RGB")``, no EXIF
 orientation (CMYK, L, RGBA and PNG bytes named ``.jpg`` all load as RGB), straight to a PIL image
-(``vlprep.data.images.decode_bgr`` makes BGR arrays, and converting back costs twice the decode). A
+through ``vlprep.data.images.decode_pil``, the decoder every stage uses. A
 file that is missing, truncated or not an image is a failure reported with a stable reason, never a
 crash (upstream printed it and skipped the image). Unlike upstream (``Image.MAX_IMAGE_PIXELS = None``),
 images over PIL's decompression-bomb error limit (~179 Mpx) are failures too.
@@ -14,12 +14,11 @@ Transforms (``xmatching/main.py``, ``vokenization/extract_vision_keys.py``), wit
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vlprep import storage
 from vlprep.data import images as imgs
@@ -44,21 +43,13 @@ def train_transform(config: MatcherConfig) -> Callable[[Image.Image], torch.Tens
 
 
 def read_rgb(uri: str) -> Image.Image:
-    """The image at ``uri`` as PIL RGB; raises ``BadImage`` (with the reason) when it cannot be read."""
+    """The image at ``uri`` as PIL RGB (``vlprep.data.images.decode_pil``, no EXIF orientation, as PIL's
+    default loader); raises ``BadImage`` (with the reason) when it cannot be read."""
     try:
         data = storage.read_bytes(uri)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise imgs.BadImage(f"cannot read ({type(e).__name__})") from None
-    if not data:
-        raise imgs.BadImage("zero-byte file")
-    try:
-        im = Image.open(io.BytesIO(data))
-        im.load()  # raises on truncated data
-        return im if im.mode == "RGB" else im.convert("RGB")
-    except UnidentifiedImageError:
-        raise imgs.BadImage("cannot decode (not an image format PIL knows)") from None
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a failed image, never a crash
-        raise imgs.BadImage(f"cannot decode ({type(e).__name__}: {e})") from None
+    return imgs.decode_pil(data, uri, exif=False)[0]
 
 
 class _Pixels:
