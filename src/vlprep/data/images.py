@@ -58,22 +58,6 @@ def list_images(source: str, image_root: str = "") -> list[str]:
     return sorted(set(items))
 
 
-def split_of(uri: str) -> str:
-    """The folder an image is in (COCO: train2014 / val2014 / test2015)."""
-    return PurePosixPath(uri).parent.name
-
-
-def image_id(uri: str, dataset: str) -> str | int:
-    """VOLTA's img_id: COCO the file stem (``COCO_train2014_000000000009``), Flickr30k int(stem)."""
-    stem = PurePosixPath(uri).stem
-    if dataset == "flickr30k":
-        try:
-            return int(stem)
-        except ValueError:
-            raise VlprepError(f"{uri}: Flickr30k image names are numeric (e.g. 1000092795.jpg)") from None
-    return stem
-
-
 def decode_bgr(data: bytes, name: str = "") -> tuple[np.ndarray, str]:
     """uint8 BGR HxWx3 from encoded bytes (as cv2.imread gives), and a note ('' when nothing was odd)."""
     if not data:

@@ -261,3 +261,12 @@ def merge_tsv(
                     seen.add(row["img_id"])
                     writer.write_row(row)
     return {"rows": writer.count, "duplicates": duplicates, "duplicate_ids": duplicate_ids}
+
+
+def volta_record(result: Mapping, img_id) -> dict:
+    """The record ``TsvWriter`` takes for a detector result (``vlprep.models`` extract) of image ``img_id``.
+
+    The result's ``cls_prob`` / ``attr_prob`` already have the background / no-attribute column first
+    (the Caffe convention VOLTA's files use); this adds the image's id and size under the TSV's names.
+    """
+    return {**result, "img_id": img_id, "img_h": result["image_h"], "img_w": result["image_w"]}

@@ -1,0 +1,5 @@
+import sys
+
+from vlprep.cli import main
+
+sys.exit(main())
