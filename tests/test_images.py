@@ -76,3 +76,40 @@ def test_sources(tmp_path, rgb, sample):
     bad.write_text(json.dumps({"images": [{"split": "x"}]}))
     with pytest.raises(VlprepError, match="not a Karpathy split file"):
         images.list_images(str(bad))
+
+
+def _exif_rotated_jpeg(orientation: int) -> bytes:
+    """A 60x40 (w x h) JPEG whose EXIF says 'rotate on display' (6: 90 degrees clockwise)."""
+    a = np.zeros((40, 60, 3), np.uint8)
+    a[:, :10] = (255, 0, 0)  # a red band on the stored image's left edge
+    exif = Image.Exif()
+    exif[images.ORIENTATION_TAG] = orientation
+    return _encode(Image.fromarray(a), "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def test_exif_orientation_policy_on_a_rotated_jpeg():
+    data = _exif_rotated_jpeg(6)
+    stored, note = images.decode_rgb(data, "r.jpg", exif=False)  # PIL.Image.open: X-LXMERT, Xmodal-Ctx, Maria
+    assert stored.shape == (40, 60, 3) and note == ""
+    assert stored[20, 2, 0] > 200 and stored[20, 57, 0] < 50  # red band still on the left
+    shown, note = images.decode_rgb(data, "r.jpg", exif=True)  # cv2.imread >= 3.1: the BUTD recipes
+    assert shown.shape == (60, 40, 3) and note == "EXIF orientation 6 applied"
+    assert shown[2, 20, 0] > 200 and shown[57, 20, 0] < 50  # rotated clockwise: the band is on top
+    bgr, _ = images.decode_bgr(data, "r.jpg", exif=True)
+    np.testing.assert_array_equal(bgr, shown[:, :, ::-1])
+    upright, note = images.decode_rgb(_exif_rotated_jpeg(1), "u.jpg", exif=True)
+    assert upright.shape == (40, 60, 3) and note == ""
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_16_bit_greys_are_scaled_not_clipped(mode):
+    # "I" (32-bit) is how Pillow hands 16-bit greys over from TIFF and some PNG encoders
+    grey = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    im = Image.fromarray(grey)  # a 16-bit grey PNG, as scanners and medical exports write them
+    data = _encode(im, "PNG") if mode == "I;16" else _encode(im.convert("I"), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    rgb, note = images.decode_rgb(data, "g.png")
+    assert note.endswith(f"converted from {mode}")
+    expected = np.rint(grey / 257.0).astype(np.uint8)
+    assert np.abs(rgb[..., 0].astype(int) - expected).max() <= 1
+    assert 120 < rgb.mean() < 135  # not turned white (Pillow's clamp gives ~255)

@@ -194,3 +194,61 @@ def test_gcs_streams_100mb_with_flat_memory(gcs, tmp_path):
     small, big = peak_mb(16), peak_mb(160)
     # 144 MB more data may cost at most a few MB more memory: the object is never held whole
     assert big - small < 40, (small, big)
+
+
+def test_gcs_dir_publish_keeps_the_old_output_until_the_new_one_is_whole(gcs, monkeypatch):
+    uri = f"{gcs}/feat.lmdb"
+    with storage.local_dir_for(uri) as d:
+        (d / "data.mdb").write_bytes(b"old data")
+        (d / "stale.mdb").write_bytes(b"only in the old output")
+    uploaded = []
+    real_upload = storage.upload_file
+
+    def failing_upload(local, target):
+        uploaded.append(target)
+        if len(uploaded) == 2:
+            raise OSError("connection reset")  # the second file of the new output fails
+        real_upload(local, target)
+
+    monkeypatch.setattr(storage, "upload_file", failing_upload)
+    with pytest.raises(OSError), storage.local_dir_for(uri) as d:
+        (d / "data.mdb").write_bytes(b"new data")
+        (d / "lock.mdb").write_bytes(b"new lock")
+    # nothing of the old output was deleted while the new one was incomplete
+    assert storage.read_bytes(f"{uri}/stale.mdb") == b"only in the old output"
+    monkeypatch.setattr(storage, "upload_file", real_upload)
+    with storage.local_dir_for(uri) as d:
+        (d / "data.mdb").write_bytes(b"new data")
+        (d / "lock.mdb").write_bytes(b"new lock")
+    assert storage.list_prefix(uri) == [f"{uri}/data.mdb", f"{uri}/lock.mdb"]  # stale objects go last
+    assert storage.read_bytes(f"{uri}/data.mdb") == b"new data"
+
+
+def test_local_build_swaps_a_directory_only_when_complete(tmp_path):
+    target = tmp_path / "out.lmdb"
+    target.mkdir()
+    (target / "data.mdb").write_text("old")
+    with pytest.raises(RuntimeError), storage.LocalBuild(target, directory=True) as b:
+        (b.tmp / "data.mdb").write_text("half")
+        raise RuntimeError("killed")
+    assert (target / "data.mdb").read_text() == "old" and os.listdir(tmp_path) == ["out.lmdb"]
+    with storage.LocalBuild(target, directory=True) as b:
+        (b.tmp / "data.mdb").write_text("new")
+    assert (target / "data.mdb").read_text() == "new" and os.listdir(tmp_path) == ["out.lmdb"]
+    with pytest.raises(VlprepError, match="already exists"):
+        storage.LocalBuild(target, directory=True, overwrite=False)
+
+
+@pytest.mark.parametrize("uri", ["gs://", "gs:/bucket/x", "gs:bucket/x", "GS://bucket/x", "gs:///x", "s3://b/k",
+                                 "gs://Bad_Bucket!/x"])
+def test_malformed_uris_are_errors_never_local_folders(uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VlprepError, match="URI"):
+        storage.write_text(storage.join(uri, "a.txt"), "x")
+    assert os.listdir(tmp_path) == []  # no local folder named gs: or s3:
+
+
+def test_local_names_with_a_colon_later_are_still_local(tmp_path):
+    uri = str(tmp_path / "run:1" / "a.txt")
+    storage.write_text(uri, "x")
+    assert storage.read_text(uri) == "x" and storage.read_text("./" + os.path.relpath(uri)) == "x"

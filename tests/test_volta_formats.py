@@ -278,7 +278,7 @@ def test_lmdb_build_commits_as_it_goes_and_failure_leaves_nothing(tmp_path):
     def rows():
         for i in range(1, 8):
             if i == 6:
-                (building,) = [p for p in os.listdir(tmp_path) if p.endswith(".building")]
+                (building,) = [p for p in os.listdir(tmp_path) if p.startswith(".tmp-trainval_feat.lmdb.")]
                 # another process, as py-lmdb opens an environment once per process
                 count = "import lmdb, sys; print(lmdb.open(sys.argv[1], readonly=True, lock=False).stat()['entries'])"
                 res = subprocess.run(
@@ -325,7 +325,7 @@ def test_lmdb_killed_build_leaves_no_final_directory(tmp_path):
     finally:
         proc.wait()
     assert not out.exists()
-    leftovers = [p for p in os.listdir(tmp_path) if p.endswith(".building")]
+    leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".tmp-trainval_feat.lmdb.")]
     assert len(leftovers) == 1 and leftovers[0].startswith(".")  # hidden, never the final name
 
 
@@ -465,7 +465,7 @@ def test_restricted_unpickler_refuses_code():
         def __reduce__(self):
             return (os.system, ("true",))
 
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(VlprepError, match="refusing to unpickle global posix.system"):
         volta_lmdb.loads(pickle.dumps({"features": Evil()}))
     value = {"a": np.arange(3), "b": np.float32(2), "c": "x", "d": np.float64(0.5)}
     data = volta_lmdb.dumps(value)
@@ -653,3 +653,62 @@ def test_volta_environment_reads_our_outputs(tmp_path):
     assert tsv_line.split()[:2] == ["25", "36"] and h5_line.split()[:2] == ["25", "36"]
     assert abs(float(tsv_line.split()[2]) - total) < 1e-2 * abs(total)
     assert pool_line == "[9, 25] [[0, 1], [1, 0]]"
+
+
+def _small_lmdb(tmp_path, n=40):
+    rng = np.random.default_rng(3)
+    rows = [volta_tsv.encode_record(make_record(rng, f"COCO_train2014_{i:012d}", n=10)) for i in range(1, n + 1)]
+    return volta_lmdb.build_lmdb(rows, tmp_path / "feat.lmdb", "coco")["path"]
+
+
+def test_lmdb_reader_refuses_a_truncated_file_with_one_clear_error(tmp_path):
+    path = _small_lmdb(tmp_path)
+    with volta_lmdb.LmdbFeatureReader(path) as reader:
+        assert reader[1][1] == 10  # whole: reads
+    data = os.path.join(path, "data.mdb")
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 3)
+    # in a child process: before the check, this was a SIGBUS that killed the interpreter
+    code = ("import sys; from vlprep.formats import volta_lmdb\n"
+            "try:\n    r = volta_lmdb.LmdbFeatureReader(sys.argv[1]); [r[k] for k in range(1, 41)]\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("VlprepError") and "data.mdb: truncated" in res.stdout
+
+
+def test_lmdb_reader_on_garbage_and_bit_flips(tmp_path):
+    path = _small_lmdb(tmp_path)
+    data = os.path.join(path, "data.mdb")
+    raw = bytearray(open(data, "rb").read())
+    (tmp_path / "garbage.lmdb").mkdir()
+    (tmp_path / "garbage.lmdb" / "data.mdb").write_bytes(os.urandom(len(raw)))
+    with pytest.raises(VlprepError, match="not an LMDB data file"):
+        volta_lmdb.LmdbFeatureReader(tmp_path / "garbage.lmdb")
+    # flip bytes inside the stored values (base64 text): a clear error per image, never binascii.Error
+    start = raw.find(b"features") + 40
+    raw[start:start + 64] = b"\xff" * 64
+    open(data, "wb").write(bytes(raw))
+    errors = []
+    with volta_lmdb.LmdbFeatureReader(path) as reader:
+        for k in range(1, 41):
+            try:
+                reader[k]
+            except VlprepError as e:
+                errors.append(str(e))
+    assert errors and all("feat.lmdb" in e for e in errors)
+
+
+def test_tsv_reader_on_garbage_gives_one_clear_error(tmp_path):
+    bad = tmp_path / "garbage.tsv"
+    bad.write_bytes(b"\xff\xfe\x00garbage\tx\n" + os.urandom(2000).replace(b"\n", b""))
+    with pytest.raises(VlprepError, match="garbage.tsv: the line at byte 0 has no readable image id"):
+        volta_lmdb.TsvFeatureReader(bad, "coco")
+    rng = np.random.default_rng(4)
+    good = tmp_path / "flipped.tsv"
+    row = volta_tsv.encode_record(make_record(rng, "COCO_val2014_000000000042", n=3, d=8))
+    line = "\t".join(row[f] for f in volta_tsv.VOLTA_FIELDS)
+    good.write_bytes(line.replace(row["features"][:40], "!!!!" + row["features"][4:40]).encode() + b"\n")
+    with volta_lmdb.TsvFeatureReader(good, "coco", feature_size=8) as reader:
+        with pytest.raises(VlprepError, match="flipped.tsv: the value of image 42 is corrupt"):
+            reader[42]

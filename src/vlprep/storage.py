@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -27,8 +28,25 @@ from vlprep import VlprepError
 CHUNK = 8 * 1024 * 1024  # read/write block and GCS resumable chunk size (a multiple of 256 KiB)
 
 
+_BUCKET = re.compile(r"[a-z0-9]([a-z0-9._-]{0,220}[a-z0-9])?")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
 def is_gcs(uri: str) -> bool:
-    return str(uri).startswith("gs://")
+    """True for ``gs://BUCKET/...``; a malformed URI that only looks like one is an error, never a local path."""
+    uri = str(uri)
+    if uri.startswith("gs://"):
+        bucket = uri[len("gs://"):].split("/", 1)[0]
+        if not _BUCKET.fullmatch(bucket):
+            raise VlprepError(f"{uri}: not a valid gs:// URI (bucket {bucket!r}); write gs://BUCKET/path")
+        return True
+    scheme = _SCHEME.match(uri)
+    if scheme:
+        raise VlprepError(
+            f"{uri}: {scheme.group(0)!r} looks like a URI scheme, but only gs://BUCKET/path and local paths are "
+            "supported; fix the URI (e.g. gs:/b -> gs://b), or write ./" + uri + " for a local file of that name"
+        )
+    return False
 
 
 def join(base: str, *parts: str) -> str:
@@ -194,18 +212,15 @@ def open_write(uri: str) -> Iterator[BinaryIO]:
         with blob.open("wb", chunk_size=CHUNK, ignore_flush=True) as f:
             yield f
         return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}.{uuid.uuid4().hex[:8]}")
+    build = LocalBuild(uri)
     try:
-        with open(tmp, "wb") as f:
+        with open(build.tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        build.publish()
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        build.discard()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -240,34 +255,88 @@ def delete(uri: str) -> None:
         p.unlink()
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBuild:
+    """A hidden temp file or directory beside a local ``target``, published atomically.
+
+    The one atomic writer behind every format writer (LMDB, HDF5) and :func:`local_dir_for` /
+    :func:`local_file_for`: build under ``tmp`` (``.tmp-<name>.<random>``, which listings skip), then
+    :meth:`publish` renames it to ``target``; a directory that exists is swapped out only after the new
+    one is complete. :meth:`discard` (or an exception in a ``with`` block) removes ``tmp`` and leaves
+    ``target`` as it was; a killed process leaves only the hidden temp.
+    """
+
+    def __init__(self, target: str | Path, *, directory: bool = False, overwrite: bool = True):
+        self.target = Path(os.path.abspath(target))
+        if not overwrite and self.target.exists():
+            raise VlprepError(f"{self.target} already exists; remove it or pass overwrite=True")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.target.with_name(f".tmp-{self.target.name}.{uuid.uuid4().hex[:12]}")
+        if directory:
+            self.tmp.mkdir()
+
+    def publish(self) -> Path:
+        old = None
+        if self.target.is_dir() and not self.target.is_symlink():
+            old = self.tmp.with_name(self.tmp.name + ".old")
+            os.rename(self.target, old)
+        elif self.tmp.is_dir() and self.target.exists():
+            self.target.unlink()  # a file (or link) where the directory goes
+        os.replace(self.tmp, self.target)
+        _fsync_dir(self.target.parent)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.target
+
+    def discard(self) -> None:
+        if self.tmp.is_dir():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> LocalBuild:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.discard()
+
+
 @contextlib.contextmanager
 def local_dir_for(uri: str) -> Iterator[Path]:
     """A local directory whose contents are published to ``uri`` when the block succeeds.
 
-    For writers that need a real filesystem (LMDB, HDF5). Local targets are built in a temp
-    directory beside them and renamed into place; gs:// targets are uploaded file by file, each
-    atomically, and any previous objects under the prefix are replaced.
+    For writers that need a real filesystem (LMDB, HDF5). Local targets are built beside the target
+    and swapped in (:class:`LocalBuild`); for gs:// every new file is uploaded (each atomically) before
+    any old object under the prefix that the new output lacks is deleted, so the previous good output
+    is never removed before the new one is whole.
     """
     uri = str(uri)
     if is_gcs(uri):
         with tempfile.TemporaryDirectory(prefix="vlprep-") as tmp:
             yield Path(tmp)
-            delete(uri)
-            for f in sorted(Path(tmp).rglob("*")):
-                if f.is_file():
-                    upload_file(f, join(uri, str(f.relative_to(tmp))))
+            new = {join(uri, str(f.relative_to(tmp))): f for f in sorted(Path(tmp).rglob("*")) if f.is_file()}
+            stale = [u for u in list_prefix(uri) if u not in new and u.startswith(uri.rstrip("/") + "/")]
+            for target, f in new.items():
+                upload_file(f, target)
+            for u in stale:
+                delete(u)
         return
-    target = Path(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
+    build = LocalBuild(uri, directory=True)
     try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(tmp, target)
+        yield build.tmp
+        build.publish()
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        build.discard()
 
 
 @contextlib.contextmanager
@@ -275,15 +344,12 @@ def local_file_for(uri: str) -> Iterator[Path]:
     """A local path to write a whole file to; published to ``uri`` when the block succeeds."""
     uri = str(uri)
     if not is_gcs(uri):
-        target = Path(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{target.name}.{uuid.uuid4().hex[:8]}")
+        build = LocalBuild(uri)
         try:
-            yield tmp
-            os.replace(tmp, target)
+            yield build.tmp
+            build.publish()
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            build.discard()
         return
     with tempfile.TemporaryDirectory(prefix="vlprep-") as tmp:
         local = Path(tmp, Path(_split(uri)[1]).name or "object")

@@ -10,7 +10,17 @@ Items are URIs, sorted (upstream used unsorted ``os.listdir``).
 
 Decoding never crashes a shard: an undecodable file (corrupt, truncated, zero bytes, not an image)
 raises ``BadImage`` which callers record as a failed item; grayscale, CMYK, palette and
-mislabelled (e.g. PNG named .jpg) images are decoded by content and converted to 3 channels, with a note.
+mislabelled (e.g. PNG named .jpg) images are decoded by content and converted to 3 channels, with a note;
+16-bit greys are scaled to 8 bits (not clipped).
+
+EXIF orientation is a per-recipe policy, as each reference read its images:
+
+| reference | reads with | EXIF orientation | our recipes |
+| --- | --- | --- | --- |
+| py-bottom-up-attention (detectron2 recipes), BUTD generate_tsv.py | ``cv2.imread`` | applied (OpenCV >= 3.1) | every BUTD recipe: ``exif=True`` |
+| X-LXMERT, Xmodal-Ctx / HAAV, Maria | ``PIL.Image.open`` | not applied | ``exif=False`` |
+
+Which OpenCV the original Caffe BUTD images ran is not known; the Caffe recipes follow today's cv2.
 """
 
 from __future__ import annotations
@@ -20,12 +30,13 @@ import warnings
 from pathlib import PurePosixPath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vlprep import VlprepError, storage
 
 EXTS = (".jpg", ".jpeg", ".png")
 _EXT_OF = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",)}
+ORIENTATION_TAG = 0x0112
 
 
 class BadImage(Exception):
@@ -58,8 +69,30 @@ def list_images(source: str, image_root: str = "") -> list[str]:
     return sorted(set(items))
 
 
-def decode_bgr(data: bytes, name: str = "") -> tuple[np.ndarray, str]:
-    """uint8 BGR HxWx3 from encoded bytes (as cv2.imread gives), and a note ('' when nothing was odd)."""
+def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
+    """Any decoded mode to 8-bit RGB with the right pixels: 16-bit and 32-bit greys are scaled, not clipped."""
+    if im.mode == "RGB":
+        return im
+    notes.append(f"converted from {im.mode}")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        grey = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode != "I" or grey.max(initial=0) <= 65535 else float(grey.max())
+        grey = np.clip(np.rint(grey * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if im.mode == "F":  # float greys: 0..1 if they fit, else 0..255
+        grey = np.asarray(im).astype(np.float64)
+        scale = 255.0 if grey.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")  # L, LA, P, PA, RGBA, CMYK, YCbCr, 1: as PIL's default loaders do
+
+
+def decode_rgb(data: bytes, name: str = "", *, exif: bool = False) -> tuple[np.ndarray, str]:
+    """uint8 RGB HxWx3 from encoded bytes, and a note ('' when nothing was odd).
+
+    ``exif``: apply the JPEG EXIF orientation, as ``cv2.imread`` does since OpenCV 3.1; off, the pixels
+    are as stored, as ``PIL.Image.open`` gives them (X-LXMERT, Xmodal-Ctx, Maria). Each recipe states
+    its policy (see the module docstring).
+    """
     if not data:
         raise BadImage("zero-byte file")
     try:
@@ -74,10 +107,18 @@ def decode_bgr(data: bytes, name: str = "") -> tuple[np.ndarray, str]:
     ext = PurePosixPath(name).suffix.lower()
     if ext in EXTS and ext not in _EXT_OF.get(fmt, ()):
         notes.append(f"{fmt} data in a {ext} file")
-    if im.mode != "RGB":
-        notes.append(f"converted from {im.mode}")
-        im = im.convert("RGB")
+    if exif:
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+        if orientation not in (1, None):
+            im = ImageOps.exif_transpose(im)
+            notes.append(f"EXIF orientation {orientation} applied")
+    im = _to_rgb(im, notes)
     if im.width < 2 or im.height < 2:
         raise BadImage(f"image is {im.width}x{im.height}")
-    rgb = np.asarray(im)
-    return np.ascontiguousarray(rgb[:, :, ::-1]), "; ".join(notes)
+    return np.ascontiguousarray(np.asarray(im)), "; ".join(notes)
+
+
+def decode_bgr(data: bytes, name: str = "", *, exif: bool = False) -> tuple[np.ndarray, str]:
+    """uint8 BGR HxWx3 (the channel order cv2.imread gives) from encoded bytes, and a note."""
+    rgb, note = decode_rgb(data, name, exif=exif)
+    return np.ascontiguousarray(rgb[:, :, ::-1]), note

@@ -26,8 +26,6 @@ names its entry as it is (:func:`entry_name`), and readers return it as a string
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlprep import VlprepError
+from vlprep import VlprepError, storage
 
 XC = "xmodal-ctx"
 HV = "haav"
@@ -85,13 +83,12 @@ def _order(name: str) -> tuple:
 
 
 class _H5Writer:
-    """An HDF5 file built in a temp file beside ``path`` and renamed into place by :meth:`close`."""
+    """An HDF5 file built in a hidden temp file beside ``path`` and published by :meth:`close`."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".tmp-{self.path.name}.{uuid.uuid4().hex[:8]}")
-        self._f = h5py.File(self._tmp, "w")
+        self._build = storage.LocalBuild(path)
+        self.path = self._build.target
+        self._f = h5py.File(self._build.tmp, "w")
         self.count = 0
 
     def _new(self, name: str) -> None:
@@ -104,15 +101,14 @@ class _H5Writer:
             return self.path
         self._f.close()
         self._f = None
-        os.replace(self._tmp, self.path)
-        return self.path
+        return self._build.publish()
 
     def abort(self) -> None:
         """Drop the temp file; ``path`` is left as it was."""
         if self._f is not None:
             self._f.close()
             self._f = None
-        self._tmp.unlink(missing_ok=True)
+        self._build.discard()
 
     def __enter__(self):
         return self

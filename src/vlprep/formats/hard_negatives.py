@@ -27,9 +27,9 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from vlprep import VlprepError, storage
+from vlprep import VlprepError, safe_pickle, storage
 from vlprep.data.ids import lmdb_key
-from vlprep.formats.volta_lmdb import LmdbFeatureReader, dumps, loads
+from vlprep.formats.volta_lmdb import LmdbFeatureReader
 from vlprep.formats.volta_tsv import LXMERT_FIELDS, decode_row, iter_rows
 from vlprep.index import nearest_neighbours
 
@@ -101,13 +101,12 @@ def write_hard_negatives(path, pool: dict) -> None:
         "train_hard_pool": np.asarray(pool["train_hard_pool"], dtype=np.int64),
         "train_image_list": list(pool["train_image_list"]),
     }
-    storage.write_bytes(os.fspath(path), dumps(doc))
+    storage.write_bytes(os.fspath(path), safe_pickle.dumps(doc))
 
 
 def read_hard_negatives(path) -> dict:
     """Load a ``hard_negative.pkl`` (ours or a downloaded one) without running pickled code."""
-    with open(path, "rb") as f:
-        return loads(f.read())
+    return safe_pickle.load_file(path)
 
 
 def mean_features_tsv(path, dataset: str) -> Iterator[tuple[int, np.ndarray]]:

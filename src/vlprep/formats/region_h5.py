@@ -16,14 +16,12 @@ obj_conf, attr_ids, attr_conf, boxes, features``.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 
 import h5py
 import numpy as np
 
-from vlprep import VlprepError
+from vlprep import VlprepError, storage
 from vlprep.formats.volta_lmdb import MAP_SIZE, LmdbWriter, lmdb_key
 
 # H5 dataset -> (record key, dtype)
@@ -39,15 +37,11 @@ H5_SCALARS = ("img_w", "img_h")
 
 
 class RegionH5Writer:
-    """Writes image groups to a temp file next to ``path``; ``close`` renames it into place."""
+    """Writes image groups to a hidden temp file beside ``path``; ``close`` publishes it (``storage.LocalBuild``)."""
 
     def __init__(self, path, overwrite: bool = False):
-        self.path = os.path.abspath(path)
-        if os.path.exists(self.path) and not overwrite:
-            raise VlprepError(f"{self.path} already exists; remove it or pass overwrite=True")
-        self.tmp = os.path.join(
-            os.path.dirname(self.path), f".{os.path.basename(self.path)}.{uuid.uuid4().hex[:12]}.tmp"
-        )
+        self._build = storage.LocalBuild(path, overwrite=overwrite)
+        self.path, self.tmp = str(self._build.target), str(self._build.tmp)
         self._file = h5py.File(self.tmp, "x")
         self.count = 0
 
@@ -69,11 +63,11 @@ class RegionH5Writer:
 
     def close(self) -> None:
         self._file.close()
-        os.replace(self.tmp, self.path)
+        self._build.publish()
 
     def abort(self) -> None:
         self._file.close()
-        os.unlink(self.tmp)
+        self._build.discard()
 
     def __enter__(self) -> RegionH5Writer:
         return self

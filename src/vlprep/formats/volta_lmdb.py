@@ -27,19 +27,16 @@ import binascii
 import csv
 import io
 import os
-import pickle
-import shutil
-import uuid
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 import lmdb
 import numpy as np
 
-from vlprep import VlprepError
+from vlprep import VlprepError, safe_pickle, storage
 from vlprep.formats.volta_tsv import LXMERT_FIELDS, VOLTA_FIELDS, iter_rows, set_field_size_limit
 
 MAP_SIZE = 1 << 40  # 1 TiB, as upstream; address space only (writemap off)
-PICKLE_PROTOCOL = 4
 KEYS_KEY = b"keys"
 DATASETS = ("coco", "flickr30k")
 NUM_LOCS = (4, 5, 7)
@@ -63,62 +60,22 @@ def lmdb_key(img_id, dataset: str) -> bytes:
 # --- pickles --------------------------------------------------------------------------------------
 
 
-class _CompatPickler(pickle._Pickler):
-    """Pure-Python pickler that names numpy internals ``numpy.core.*`` (loadable by numpy 1.x and 2.x)."""
-
-    def save_global(self, obj, name=None):
-        module = getattr(obj, "__module__", None) or ""
-        if module == "numpy._core" or module.startswith("numpy._core."):
-            name = name or obj.__qualname__
-            self.write(pickle.GLOBAL + f"numpy.core{module[len('numpy._core') :]}\n{name}\n".encode())
-            self.memoize(obj)
-        else:
-            super().save_global(obj, name)
-
-
 def dumps(obj) -> bytes:
-    """Pickle readable by VOLTA's environment (Python 3.6, numpy 1.x): protocol 4, numpy 1.x names."""
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else [obj]
-    if all(type(v) in (str, bytes, int, float) for v in items):  # exact: np.float64 subclasses float
-        return pickle.dumps(obj, protocol=PICKLE_PROTOCOL)  # no numpy inside: the fast C pickler
-    buf = io.BytesIO()
-    _CompatPickler(buf, protocol=PICKLE_PROTOCOL).dump(obj)
-    return buf.getvalue()
+    """An LMDB value VOLTA's environment reads (Python 3.6, numpy 1.x): see :mod:`vlprep.safe_pickle`."""
+    return safe_pickle.dumps(obj)
 
 
-_SAFE_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("_codecs", "encode"),  # bytes in protocol-2 pickles
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    *(
-        (m, n)
-        for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for n in ("_reconstruct", "scalar")
-    ),
-    *((m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")),
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: only containers, str and numpy data are allowed"
-        )
-
-
-def loads(data: bytes):
-    """Unpickle containers, str/bytes and numpy arrays or scalars; anything else raises."""
-    return _SafeUnpickler(io.BytesIO(data)).load()
+def loads(data: bytes, source: str = "LMDB value"):
+    """Unpickle containers, str/bytes and numpy arrays or scalars; anything else raises ``VlprepError``."""
+    return safe_pickle.loads(data, source)
 
 
 # --- writer ---------------------------------------------------------------------------------------
 
 
 class LmdbWriter:
-    """Builds an LMDB under a hidden temp name and renames it to ``path`` when complete.
+    """Builds an LMDB in a hidden temp directory and publishes it to ``path`` when complete
+    (:class:`vlprep.storage.LocalBuild`).
 
     ``put`` adds one image; a transaction is committed every ``commit_every`` puts. ``close``
     (or leaving the ``with`` block normally) writes ``b"keys"``, syncs and renames; an exception
@@ -128,13 +85,8 @@ class LmdbWriter:
     def __init__(self, path, *, commit_every: int = 64, map_size: int = MAP_SIZE, overwrite: bool = False):
         if commit_every < 1:
             raise VlprepError(f"commit_every must be >= 1 (got {commit_every})")
-        self.path = os.path.abspath(path)
-        if os.path.exists(self.path) and not overwrite:
-            raise VlprepError(f"{self.path} already exists; remove it or pass overwrite=True")
-        parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{uuid.uuid4().hex[:12]}.building")
-        os.mkdir(self.tmp)  # mode 0o777 less umask, like any directory a user makes
+        self._build = storage.LocalBuild(path, directory=True, overwrite=overwrite)
+        self.path, self.tmp = str(self._build.target), str(self._build.tmp)
         self.commit_every = commit_every
         self.map_size = map_size
         self.keys: list[bytes] = []
@@ -144,7 +96,7 @@ class LmdbWriter:
                 self.tmp, map_size=map_size, subdir=True, writemap=False, sync=False, metasync=False
             )
         except lmdb.Error as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._build.discard()
             raise VlprepError(
                 f"{self.path}: cannot create LMDB ({e}); with little address space lower map_size"
             ) from None
@@ -177,19 +129,12 @@ class LmdbWriter:
         self._txn.commit()
         self._env.sync(True)
         self._env.close()
-        old = None
-        if os.path.exists(self.path):  # overwrite=True: swap, then delete the old one
-            old = self.tmp + ".old"
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        _fsync_dir(os.path.dirname(self.path))
-        if old:
-            shutil.rmtree(old)
+        self._build.publish()
 
     def abort(self) -> None:
         self._txn.abort()
         self._env.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._build.discard()
 
     def __enter__(self) -> LmdbWriter:
         return self
@@ -199,14 +144,6 @@ class LmdbWriter:
             self.close()
         else:
             self.abort()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def build_lmdb(
@@ -327,6 +264,41 @@ def region_features(
     return features, num_boxes, spatials, pixel_boxes
 
 
+_META = struct.Struct("<I")  # mm_magic, at byte 16 of a meta page
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def check_lmdb_file(path: str) -> None:
+    """Refuse a ``data.mdb`` shorter than its own meta pages say it is (LMDB would SIGBUS on it).
+
+    Each of the two meta pages (pages 0 and 1) holds, after a 16-byte page header: magic, version,
+    address, map size, two 48-byte database records (the first one's leading 4 bytes are the page
+    size) and then the last used page number and the transaction id. The newer meta page says how
+    many pages the file must hold.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4096 * 2 + 160)
+    except OSError as e:
+        raise VlprepError(f"{path}: cannot read ({e})") from None
+    if len(head) < 160 or _META.unpack_from(head, 16)[0] != _LMDB_MAGIC:
+        raise VlprepError(f"{path}: not an LMDB data file (no LMDB magic); rebuild it")
+    psize = struct.unpack_from("<I", head, 16 + 24)[0]
+    metas = []
+    for page in (0, 1):
+        off = page * psize
+        if len(head) >= off + 160 and _META.unpack_from(head, off + 16)[0] == _LMDB_MAGIC:
+            last_pg, txnid = struct.unpack_from("<QQ", head, off + 16 + 24 + 96)
+            metas.append((txnid, last_pg))
+    if not metas or psize not in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+        raise VlprepError(f"{path}: the LMDB meta pages are corrupt; rebuild the file")
+    _, last_pg = max(metas)
+    need = (last_pg + 1) * psize
+    if size < need:
+        raise VlprepError(f"{path}: truncated ({size} bytes, its meta page says {need}); rebuild or re-download it")
+
+
 class _ReaderBase:
     def __init__(self, *, feature_size=2048, num_locs=5, add_global_imgfeat=None, norm_embeddings=False):
         self.options = {
@@ -356,7 +328,14 @@ class _ReaderBase:
 
     def __getitem__(self, image_id) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
         """``(features, num_boxes, spatials, pixel_boxes)``; see ``region_features``."""
-        return region_features(self.item(image_id), **self.options)
+        self._key(image_id)  # an unknown id is a KeyError, as in VOLTA
+        try:
+            return region_features(self.item(image_id), **self.options)
+        except (KeyError, TypeError, ValueError, binascii.Error, UnicodeError) as e:
+            raise VlprepError(
+                f"{self.path}: the value of image {image_id!r} is corrupt ({type(e).__name__}: {str(e)[:120]}); "
+                "rebuild the file"
+            ) from None
 
     def __enter__(self):
         return self
@@ -377,21 +356,37 @@ class LmdbFeatureReader(_ReaderBase):
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise VlprepError(f"{self.path}: no LMDB directory there; build it with build_lmdb")
-        self.env = lmdb.open(
-            self.path, max_readers=1, readonly=True, lock=False, readahead=False, meminit=False
-        )
-        with self.env.begin(write=False) as txn:
-            raw = txn.get(KEYS_KEY)
+        check_lmdb_file(os.path.join(self.path, "data.mdb"))  # a truncated file would SIGBUS the reader
+        try:
+            self.env = lmdb.open(
+                self.path, max_readers=1, readonly=True, lock=False, readahead=False, meminit=False
+            )
+            with self.env.begin(write=False) as txn:
+                raw = txn.get(KEYS_KEY)
+        except lmdb.Error as e:
+            raise VlprepError(f"{self.path}: not a readable LMDB ({type(e).__name__}: {e}); rebuild it") from None
         if raw is None:
             self.env.close()
             raise VlprepError(f"{self.path}: LMDB has no b'keys' entry; it is not a VOLTA feature LMDB")
-        self._index = {key: i for i, key in enumerate(loads(raw))}
+        keys = loads(raw, f"{self.path} b'keys'")
+        if not isinstance(keys, list) or not all(isinstance(k, bytes) for k in keys):
+            raise VlprepError(f"{self.path}: b'keys' is not a list of bytes; not a VOLTA feature LMDB")
+        self._index = {key: i for i, key in enumerate(keys)}
 
     def item(self, image_id) -> dict:
         """The stored value: a dict of str fields (TSV-derived) or numpy arrays (H5-derived)."""
         key = self._key(image_id)
-        with self.env.begin(write=False) as txn:
-            return loads(txn.get(key))
+        try:
+            with self.env.begin(write=False) as txn:
+                raw = txn.get(key)
+        except lmdb.Error as e:
+            raise VlprepError(f"{self.path}: cannot read image {image_id!r} ({e}); rebuild the file") from None
+        if raw is None:
+            raise VlprepError(f"{self.path}: image {image_id!r} is listed in b'keys' but has no value; rebuild it")
+        value = loads(raw, f"{self.path} image {image_id!r}")
+        if not isinstance(value, dict):
+            raise VlprepError(f"{self.path}: the value of image {image_id!r} is not a dict; not a VOLTA LMDB")
+        return value
 
     def close(self) -> None:
         self.env.close()
@@ -413,9 +408,17 @@ class TsvFeatureReader(_ReaderBase):
         for line in self._file:
             if line.strip():
                 img_id = line.split(b"\t", 1)[0]
-                if img_id.startswith(b'"'):  # a quoted id: let csv unquote it
-                    img_id = next(csv.reader(io.StringIO(line.decode()), delimiter="\t"))[0].encode()
-                self._index.setdefault(lmdb_key(img_id.decode(), dataset), offset)
+                try:
+                    if img_id.startswith(b'"'):  # a quoted id: let csv unquote it
+                        img_id = next(csv.reader(io.StringIO(line.decode()), delimiter="\t"))[0].encode()
+                    key = lmdb_key(img_id.decode(), dataset)
+                except (UnicodeError, csv.Error, VlprepError) as e:
+                    self._file.close()
+                    raise VlprepError(
+                        f"{self.path}: the line at byte {offset} has no readable image id ({str(e)[:100]}); "
+                        "not a VOLTA/LXMERT TSV, or corrupt"
+                    ) from None
+                self._index.setdefault(key, offset)
             offset += len(line)
 
     def item(self, image_id) -> dict:

@@ -13,7 +13,7 @@ A spec is one of:
 
 Files ending in ``.gz`` (or starting with the gzip magic) are decompressed transparently when read.
 
-Checkpoints from outside are untrusted: pickles go through :class:`RestrictedUnpickler`, which
+Checkpoints from outside are untrusted: pickles go through :mod:`vlprep.safe_pickle`, which
 rebuilds numpy arrays and plain containers and refuses every other global; torch files are read with
 ``torch.load(weights_only=True)``.
 """
@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from vlprep import VlprepError
+from vlprep import VlprepError, safe_pickle
 
 log = logging.getLogger(__name__)
 
@@ -203,58 +203,9 @@ def open_maybe_gzip(path: str | Path) -> BinaryIO:
     return gzip.open(path, "rb") if magic == _GZIP_MAGIC else open(path, "rb")
 
 
-# Globals a checkpoint pickle may reference: numpy array/scalar/dtype reconstruction, plain containers,
-# and _codecs.encode (how protocol-2 pickles written by Python 3 store bytes).
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    import builtins
-    import codecs
-    import collections
-
-    from numpy._core import multiarray
-
-    allowed: dict[tuple[str, str], Any] = {}
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
-        allowed[(mod, "scalar")] = multiarray.scalar
-    allowed[("numpy", "ndarray")] = np.ndarray
-    allowed[("numpy", "dtype")] = np.dtype
-    allowed[("collections", "OrderedDict")] = collections.OrderedDict
-    allowed[("_codecs", "encode")] = codecs.encode
-    for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "complex", "slice"):
-        allowed[("builtins", name)] = getattr(builtins, name)
-        allowed[("__builtin__", name)] = allowed[("builtins", name)]  # Python 2 pickles
-    return allowed
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays and plain containers; any other global is refused."""
-
-    def __init__(self, file: BinaryIO, *, source: str, **kwargs: Any):
-        kwargs.setdefault("encoding", "latin1")  # Python 2 pickles (Detectron/Caffe2 zoo)
-        super().__init__(file, **kwargs)
-        self.source = source
-        self._allowed = _allowed_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise VlprepError(
-                f"{self.source}: refusing to unpickle global {module}.{name}; a weights pickle may only "
-                "hold numpy arrays and plain containers. Do not load this file unless you trust it."
-            ) from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise VlprepError(f"{self.source}: refusing a pickle persistent id ({pid!r}); not a weights pickle")
-
-
 def load_pickle(path: str | Path) -> Any:
-    """Unpickle a (possibly gzipped) file with :class:`RestrictedUnpickler`."""
-    with open_maybe_gzip(path) as f:
-        try:
-            return RestrictedUnpickler(f, source=str(path)).load()
-        except (pickle.UnpicklingError, EOFError) as e:
-            raise VlprepError(f"{path}: not a readable pickle ({e})") from None
+    """Unpickle a (possibly gzipped) weights file; only numpy data and plain containers are rebuilt."""
+    return safe_pickle.load_file(path)
 
 
 # torch.save's zip container, and its legacy format (a pickled magic number first).
