@@ -12,9 +12,11 @@ from vlprep_pipelines.regions import regions
 
 
 @dsl.pipeline(name="demo", description="All vlprep workflows on one small dataset")
-def demo(karpathy: str, test1k_ids: str, images: str, mscoco: str, annotations: str, attributes: str,
-         relationships: str, context: str, weights: str = "random:0", clip_weights: str = "random:0",
-         num_shards: int = 2, arch: str = "full", device: str = "cpu"):
+def demo(  # every input path is a parameter: KFP cannot join strings for a nested pipeline's inputs
+    karpathy: str, test1k_ids: str, images: str, mscoco: str, annotations: str, attributes: str, relationships: str,
+    context: str, weights: str = "random:0", clip_weights: str = "random:0", num_shards: int = 2, arch: str = "full",
+    device: str = "cpu",
+):
     regions(images=images, out=mscoco, karpathy=karpathy, annotations=annotations, dataset="coco", recipe="caffe36",
             weights=weights, num_shards=num_shards, device=device, batch_size=4, num_workers=2, arch=arch,
             test1k_ids=test1k_ids)

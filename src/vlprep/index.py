@@ -7,7 +7,7 @@
   nprobe again (also on the GPU copy).
 - :func:`search` runs queries in fixed blocks and refuses missing results (faiss's ``-1`` ids).
 - :func:`nearest_neighbours`: exact L2 kNN of every row among all rows (hard negatives).
-- k-means (X-LXMERT's visual-feature clusters) lives in its own module beside this one.
+- k-means (X-LXMERT's visual vocabulary) is :mod:`vlprep.kmeans`, beside this module.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
+"""``python -m vlprep.cli``: the ``vlprep`` command."""
+
 import sys
 
 from vlprep.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

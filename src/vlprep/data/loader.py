@@ -26,10 +26,13 @@ class Batch(NamedTuple):  # a NamedTuple, so that DataLoader(pin_memory=True) pi
 
 class ImageDataset:
     """Item i: ``(i, value, note, (w, h), None)`` or ``(i, None, "", None, error)``. ``value`` is
-    ``transform(bgr)`` (uint8 BGR HxWx3 when there is no transform)."""
+    ``transform(image)`` (the uint8 HxWx3 image itself when there is no transform): BGR, as cv2.imread
+    gives, or RGB with ``rgb``; ``exif``: apply the EXIF orientation (the recipe's policy, see
+    ``vlprep.data.images``)."""
 
-    def __init__(self, uris: Sequence[str], transform: Callable | None = None):
-        self.uris, self.transform = list(uris), transform
+    def __init__(self, uris: Sequence[str], transform: Callable | None = None, *, exif: bool = False,
+                 rgb: bool = False):
+        self.uris, self.transform, self.exif, self.rgb = list(uris), transform, exif, rgb
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -37,11 +40,12 @@ class ImageDataset:
     def __getitem__(self, i: int):
         uri = self.uris[i]
         try:
-            bgr, note = imgs.decode_bgr(storage.read_bytes(uri), uri)
+            decode = imgs.decode_rgb if self.rgb else imgs.decode_bgr
+            image, note = decode(storage.read_bytes(uri), uri, exif=self.exif)
         except (imgs.BadImage, OSError) as e:  # FileNotFoundError included
             return i, None, "", None, str(e)
-        size = (bgr.shape[1], bgr.shape[0])
-        return i, (self.transform(bgr) if self.transform else bgr), note, size, None
+        size = (image.shape[1], image.shape[0])
+        return i, (self.transform(image) if self.transform else image), note, size, None
 
 
 def _collate(items: list, stack: bool) -> Batch:
@@ -65,15 +69,16 @@ class _Collate:  # a class, not a closure: worker processes started by spawn mus
 
 
 def image_loader(uris: Sequence[str], *, batch_size: int = 1, blocks: Sequence[Sequence[int]] | None = None,
-                 num_workers: int = 0, transform: Callable | None = None, stack: bool = False,
+                 num_workers: int = 0, dataset: ImageDataset | None = None, stack: bool = False,
                  pin_memory: bool = False):
     """A DataLoader yielding :class:`Batch` es in order: ``batch_size`` images each, or one per ``block``
-    (lists of indices into ``uris``). Workers make their own gs:// client (``storage.reset_after_fork``)."""
+    (lists of indices into ``uris``), decoded by ``dataset`` (default: BGR, no EXIF rotation, no transform).
+    Workers make their own gs:// client (``storage.reset_after_fork``)."""
     from torch.utils.data import DataLoader
 
     sampling = {"batch_sampler": [list(b) for b in blocks]} if blocks is not None else {
         "batch_size": max(1, int(batch_size)), "shuffle": False}
     workers = int(num_workers)
-    return DataLoader(ImageDataset(uris, transform), **sampling, num_workers=workers, collate_fn=_Collate(stack),
+    return DataLoader(dataset or ImageDataset(uris), **sampling, num_workers=workers, collate_fn=_Collate(stack),
                       pin_memory=pin_memory, worker_init_fn=storage.reset_after_fork if workers else None,
                       persistent_workers=False)

@@ -3,8 +3,6 @@ the top phrases of the whole image and of every crop."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from vlprep import storage
 from vlprep.data import images as imgs
 from vlprep.reports import html
@@ -19,10 +17,10 @@ def _top_table(title: str, texts: list, scores: list, n: int = 3) -> str:
 
 def _rgb(uri: str):
     try:
-        bgr, _ = imgs.decode_bgr(storage.read_bytes(uri), uri)
+        rgb, _ = imgs.decode_rgb(storage.read_bytes(uri), uri, exif=False)  # as the stage decoded it
     except (imgs.BadImage, FileNotFoundError):
         return None
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    return rgb
 
 
 def _sample(s: dict, top: int) -> list[str]:

@@ -16,16 +16,17 @@ def _labels(vocab_objects: str, vocab_attributes: str) -> tuple[list[str], list[
 
 
 def _figure(sample: dict, objects: list[str], attributes: list[str]) -> str:
-    bgr, _ = imgs.decode_bgr(storage.read_bytes(sample["uri"]), sample["uri"])
+    rgb, _ = imgs.decode_rgb(storage.read_bytes(sample["uri"]), sample["uri"], exif=sample["exif"])
     keep = min(10, sample["num_boxes"])
     labels = [f"{attributes[a]} {objects[o]}"
               for a, o in zip(sample["attr_ids"][:keep], sample["obj_ids"][:keep], strict=True)]
-    im = html.draw_boxes(bgr[:, :, ::-1], sample["boxes"][:keep], labels)
+    im = html.draw_boxes(rgb, sample["boxes"][:keep], labels)
     return html.figure(im, f"{sample['img_id']}: {sample['num_boxes']} boxes (first {keep} drawn)")
 
 
 def regions_html(summary: dict, samples: list[dict], vocab_objects: str = "", vocab_attributes: str = "") -> str:
-    """``samples``: ``{uri, img_id, num_boxes, boxes, obj_ids, attr_ids}`` of the images to draw."""
+    """``samples``: ``{uri, exif, img_id, num_boxes, boxes, obj_ids, attr_ids}`` of the images to draw
+    (``exif``: decode as the extraction did, so that the boxes fall where they were found)."""
     objects, attributes = _labels(vocab_objects, vocab_attributes)
     figures = [_figure(s, objects, attributes) for s in samples]
     secs = summary["extract_seconds"] or 1e-9

@@ -15,7 +15,7 @@ import numpy as np
 from vlprep import VlprepError, stage
 from vlprep.data import ids
 from vlprep.data import images as imgs
-from vlprep.data.loader import image_loader
+from vlprep.data.loader import ImageDataset, image_loader
 from vlprep.stages.context.settings import IMAGE_FIELDS, N_VIEWS, STAGE, encoder_for
 
 log = logging.getLogger(__name__)
@@ -71,16 +71,16 @@ def normalize(views, device: str = "cpu"):
 
 
 class Views:
-    """Loader transform: BGR image -> uint8 (15, 224, 224, 3) views (a class: workers pickle it)."""
+    """Loader transform: RGB image -> uint8 (15, 224, 224, 3) views (a class: workers pickle it)."""
 
     def __init__(self, rule: str):
         self.rule = rule
 
-    def __call__(self, bgr):
+    def __call__(self, rgb):
         import torch
         from PIL import Image
 
-        return torch.from_numpy(cut_views(Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1])), self.rule))
+        return torch.from_numpy(cut_views(Image.fromarray(rgb), self.rule))
 
 
 def encode_views(enc, views) -> dict[str, np.ndarray]:
@@ -117,8 +117,9 @@ def encode_images(spec: dict, runtime: stage.Runtime | None = None) -> dict:
             block_of += [b] * len(block)
         arrays: dict[str, list] = {n: [] for n in names + ["query"]}
         meta, failed = [], []
-        for batch in image_loader(uris, blocks=blocks, num_workers=runtime.num_workers, transform=Views(recipe.preprocess),
-                                  stack=True, pin_memory=dev.startswith("cuda")):
+        views = ImageDataset(uris, Views(recipe.preprocess), exif=False, rgb=True)  # upstream: PIL.Image.open
+        for batch in image_loader(uris, blocks=blocks, num_workers=runtime.num_workers, dataset=views, stack=True,
+                                  pin_memory=dev.startswith("cuda")):
             failed += [{"item": uris[i], "error": err} for i, err in batch.failed]
             if not batch.ok:
                 continue

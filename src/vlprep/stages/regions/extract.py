@@ -15,7 +15,7 @@ import numpy as np
 
 from vlprep import stage
 from vlprep.data import images as imgs
-from vlprep.data.loader import image_loader
+from vlprep.data.loader import ImageDataset, image_loader
 from vlprep.stages.regions.settings import STAGE, Settings, box_range
 
 log = logging.getLogger("vlprep.regions")
@@ -68,7 +68,8 @@ def _detect(shard, settings: Settings, runtime: stage.Runtime) -> dict:
     lo, _ = box_range(settings)
     results, failed, notes, t_model, t0 = [], [], [], 0.0, time.time()
     prefetch = max(runtime.batch_size * 4, 1)  # room to bucket by size
-    for batch in image_loader(shard.items, batch_size=prefetch, num_workers=runtime.num_workers):
+    images = ImageDataset(shard.items, exif=exif_policy(recipe))
+    for batch in image_loader(shard.items, batch_size=prefetch, num_workers=runtime.num_workers, dataset=images):
         for i, err in batch.failed:
             failed.append({"item": shard.items[i], "error": err})
             log.warning("skipped %s: %s", shard.items[i], err)
@@ -86,6 +87,12 @@ def _detect(shard, settings: Settings, runtime: stage.Runtime) -> dict:
                  done / max(time.time() - t0, 1e-9), len(failed))
     return {"results": results, "failed": failed, "notes": notes, "model_seconds": t_model,
             "random_weights": bool(getattr(model, "is_random", False))}
+
+
+def exif_policy(recipe) -> bool:
+    """Whether the recipe's reference applied EXIF orientation (``vlprep.data.images``: the BUTD
+    recipes read with cv2.imread, which does). Recipes that state their policy are followed."""
+    return bool(getattr(recipe, "exif", True))
 
 
 def _is_per_box(value, n: int) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 
 from vlprep import parts, storage
 from vlprep.data import ids
-from vlprep.stages.regions.extract import IMAGES_PART
+from vlprep.stages.regions.extract import IMAGES_PART, exif_policy
 from vlprep.stages.regions.settings import REPORT, STAGE, Settings, tsv_name
 
 REPORT_SAMPLES = 6
@@ -103,17 +103,17 @@ def merge(out: str) -> dict:
             if "h5" in settings.wanted_formats:
                 summary["files"].update(_write_h5(out, name, items, dup))
         summary["duplicates"] = dup["duplicates"]
-        samples = _samples(every)
+        samples = _samples(every, exif_policy(settings.recipe_object()))
         html = report.regions_html(summary, samples, settings.vocab_objects, settings.vocab_attributes)
     summary["report"] = storage.join(out, REPORT)
     storage.write_text(summary["report"], html)
     return summary
 
 
-def _samples(every: list) -> list[dict]:
+def _samples(every: list, exif: bool) -> list[dict]:
     """The first images (shard by shard, splits in name order) with what the report draws."""
     first = sorted(every, key=lambda t: (t[0], t[1]))[:REPORT_SAMPLES]  # stable: item order within a split
-    return [{"uri": uri, "img_id": r["img_id"], "num_boxes": r["num_boxes"], "boxes": np.array(r["boxes"]),
+    return [{"uri": uri, "exif": exif, "img_id": r["img_id"], "num_boxes": r["num_boxes"], "boxes": np.array(r["boxes"]),
              "obj_ids": np.array(r["obj_ids"]), "attr_ids": np.array(r["attr_ids"])} for _, _, uri, r in first]
 
 
