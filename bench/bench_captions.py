@@ -52,7 +52,7 @@ def main() -> None:
         print(f"upstream (baseline)      {base:7.2f} s")
         for n in (1, 4):
             t = time.perf_counter()
-            captions.run(str(src), "coco", str(tmp / f"ours{n}"), num_shards=n)
+            captions.run(str(tmp / f"ours{n}"), captions.Settings(karpathy=str(src)), num_shards=n)
             ours = time.perf_counter() - t
             same = all((tmp / f"ours{n}" / f).read_bytes() == (tmp / "up" / f).read_bytes()
                        for f in ("train_ann.jsonl", "valid_ann.jsonl", "test_ann.jsonl"))

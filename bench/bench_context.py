@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlprep import shards
-from vlprep.cli import sample_dir
+from vlprep import index as faiss_index
+from vlprep import shards, stage
+from vlprep.sample import sample_dir
 from vlprep.stages import context as C
 
 MODELS = {
@@ -113,15 +114,17 @@ def main() -> None:
     ap.add_argument("--index", choices=["ivf", "flat"], default="ivf")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    device = C.resolve_device(args.device)
+    runtime = stage.Runtime(device=args.device, num_workers=args.num_workers)
+    device = runtime.resolved_device()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_images(tmp / "images", args.images)
         attrs, rels = make_vg(tmp, args.phrases)
         out = str(tmp / "out")
-        p = C.plan(attrs, rels, out, 1, weights="random:0", model_cfg=MODELS[args.model], index=args.index)
-        settings = C.read_settings(out)
+        settings = C.make_settings(images=str(tmp / "images"), attributes=attrs, relationships=rels, weights="random:0",
+                                   model_cfg=MODELS[args.model], index=args.index)
+        C.plan(out, settings)
         enc = C.encoder_for(settings, device)  # load once; both loops use this model
         model = enc.model("image")
         import open_clip
@@ -137,10 +140,10 @@ def main() -> None:
         for _ in range(args.repeats):
             best_bare = min(best_bare, bare_encode(model, transform, paths, settings.image_batch, args.num_workers, device))
             shutil.rmtree(Path(out, "_work/context/images"), ignore_errors=True)
-            specs = C.plan_images(str(tmp / "images"), out, 1)
+            specs = C.plan_images(out)
             t = time.perf_counter()
             for spec in specs:
-                marker = C.encode_images(spec, device, args.num_workers)
+                marker = C.encode_images(spec, runtime)
             best_ours = min(best_ours, time.perf_counter() - t)
             assert marker["images"] == args.images and not marker["skipped"]
         bare_ips, ours_ips = args.images / best_bare, args.images / best_ours
@@ -151,17 +154,17 @@ def main() -> None:
         # retrieval: many queries, cheaply: a 512-d model with tiny towers (only the vectors' count and width matter)
         out = str(tmp / "retrieval")
         make_images(tmp / "many", args.retrieval_images)
-        p = C.plan(attrs, rels, out, 1, weights="random:0", model_cfg=RETRIEVAL_CFG, index=args.index)
-        settings = C.read_settings(out)
-        for spec in p["phrases"]:
-            C.encode_phrases(spec, device)
+        settings = C.make_settings(images=str(tmp / "many"), attributes=attrs, relationships=rels, weights="random:0",
+                                   model_cfg=RETRIEVAL_CFG, index=args.index)
+        for spec in C.plan(out, settings):
+            C.encode_phrases(spec, runtime)
         t = time.perf_counter()
         meta = C.build_index(out)
         print(f"index {meta['factory']} over {meta['n']} phrases x {meta['dim']}, nprobe {meta['nprobe']}, "
               f"built in {time.perf_counter() - t:.1f} s")
-        for spec in C.plan_images(str(tmp / "many"), out, 1):
-            C.encode_images(spec, device, args.num_workers)
-        index, _ = C.load_index(out)
+        for spec in C.plan_images(out):
+            C.encode_images(spec, runtime)
+        index = faiss_index.load(str(Path(out, C.FAISS_INDEX)), meta["nprobe"])
         shard = shards.load(spec)
         queries = np.load(io.BytesIO(Path(shard.part("queries.npy")).read_bytes()))
         nq = queries.shape[0] * queries.shape[1]
@@ -180,7 +183,7 @@ def main() -> None:
             shutil.rmtree(Path(out, "_work/context/retrieve"), ignore_errors=True)
             t = time.perf_counter()
             for spec in C.plan_retrieval(out):
-                C.retrieve(spec, device)
+                C.retrieve(spec, runtime)
             best_ours = min(best_ours, time.perf_counter() - t)
         print(f"retrieval ({args.retrieval_images} images x 15 queries, top-k {list(settings.topk)})")
         print(f"retrieval     bare faiss search, all queries at once (baseline)   {nq / best_bare:8.0f} queries/s")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from vlprep import storage
-from vlprep.cli import sample_dir
+from vlprep import stage, storage
 from vlprep.data import images as imgs
+from vlprep.sample import sample_dir
 from vlprep.stages import regions
 
 
@@ -39,7 +39,9 @@ def main() -> None:
         folder.mkdir(parents=True)
         for i in range(args.images):  # sample photos, repeated under new names
             shutil.copy(src[i % len(src)], folder / f"COCO_val2014_{i:012d}.jpg")
-        detector = regions.load_detector("random:0", args.device)
+        settings = regions.Settings(images=str(folder.parent), recipe=args.recipe)
+        runtime = stage.Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+        detector = regions.detector_for(settings, runtime)  # kept: the stage reuses it
         items = imgs.list_images(str(folder.parent))
 
         t0, t_decode = time.perf_counter(), 0.0
@@ -50,18 +52,17 @@ def main() -> None:
             detector.extract([bgr], args.recipe, batch_size=1)
         serial = time.perf_counter() - t0
 
-        spec = regions.plan(str(folder.parent), str(Path(tmp, "out")), 1)[0]
+        spec = regions.plan(str(Path(tmp, "out")), settings)[0]
         t0 = time.perf_counter()
-        m = regions.extract(spec, recipe=args.recipe, device=args.device, batch_size=args.batch_size,
-                            num_workers=args.workers, detector=detector)
-        stage = time.perf_counter() - t0
+        m = regions.extract(spec, runtime)
+        staged = time.perf_counter() - t0
         n = len(items)
         print(f"device {args.device}, {n} images, recipe {args.recipe}, torch threads {torch.get_num_threads()}")
         print(f"serial (baseline): {n / serial:6.3f} img/s  decode {t_decode / serial:5.1%} of wall time, "
               f"model {1 - t_decode / serial:5.1%}")
-        print(f"vlprep stage:      {n / stage:6.3f} img/s  model {m['model_seconds'] / stage:5.1%} of wall time "
+        print(f"vlprep stage:      {n / staged:6.3f} img/s  model {m['model_seconds'] / staged:5.1%} of wall time "
               f"(decode in {args.workers} workers, overlapped), batch {args.batch_size}")
-        print(f"ratio stage/serial: {serial / stage:.2f}x")
+        print(f"ratio stage/serial: {serial / staged:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,31 +1,32 @@
 """Caption annotations: plan -> extract (one task per shard) -> merge. See vlprep.stages.captions."""
 
 from kfp import dsl
-from vlprep_components.config import image
+from vlprep_components.config import component
 
 
-@dsl.component(base_image=image("captions_plan"), install_kfp_package=False)
-def captions_plan(karpathy: str, dataset: str, out: str, num_shards: int) -> list:
+@component
+def captions_plan(karpathy: str, dataset: str, test1k_ids: str, out: str, num_shards: int, split: str) -> list:
     from vlprep.stages import captions
 
-    return captions.plan(karpathy, dataset, out, int(num_shards))
+    settings = captions.Settings(karpathy=karpathy, dataset=dataset, test1k_ids=test1k_ids)
+    return captions.plan(out, settings, num_shards=int(num_shards), split=split)
 
 
-@dsl.component(base_image=image("captions_extract"), install_kfp_package=False)
-def captions_extract(spec: dict, karpathy: str, dataset: str, test1k_ids: str) -> dict:
+@component
+def captions_extract(spec: dict) -> dict:
     from vlprep.stages import captions
 
-    marker = captions.extract(spec, karpathy, dataset, test1k_ids)
+    marker = captions.extract(spec)
     return {k: marker[k] for k in ("shard", "items", "skipped", "failed")}
 
 
-@dsl.component(base_image=image("captions_merge"), install_kfp_package=False)
-def captions_merge(shards: list, dataset: str, out: str, test1k_ids: str, report: dsl.Output[dsl.Markdown]) -> dict:
-    from vlprep import report as rep
+@component
+def captions_merge(shards: list, out: str, report: dsl.Output[dsl.Markdown]) -> dict:
+    from vlprep.reports.captions import captions_markdown
     from vlprep.stages import captions
 
-    summary = captions.merge(dataset, out, test1k_ids)
+    summary = captions.merge(out)
     summary["skipped_shards"] = sum(1 for s in shards if s["skipped"])
     with open(report.path, "w", encoding="utf-8") as f:
-        f.write(rep.captions_markdown(summary))
+        f.write(captions_markdown(summary))
     return summary

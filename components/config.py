@@ -18,6 +18,7 @@ IMAGES = {
 }
 
 GPU_TYPE = "nvidia.com/gpu"
+PARALLELISM = 8  # pods at once per fan-out (ParallelFor); a literal: KFP needs it at compile time
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,8 @@ class Resources:
     retries: int = 2
 
 
-# component name -> image and resources (requests == limits: predictable scheduling)
+# component name (= its function's name, ``<stage>_<stage function>``) -> image and resources
+# (requests == limits: predictable scheduling)
 COMPONENTS = {
     "captions_plan": Resources("cpu", cpu="1", memory="2Gi"),
     "captions_extract": Resources("cpu", cpu="1", memory="2Gi"),
@@ -43,9 +45,9 @@ COMPONENTS = {
     "context_plan": Resources("cpu", cpu="1", memory="8Gi"),  # streams VG JSON; holds the phrase set
     "context_plan_images": Resources("cpu", cpu="1", memory="2Gi"),
     "context_encode_phrases": Resources("gpu", cpu="4", memory="16Gi", gpus=1),
-    "context_index": Resources("gpu", cpu="8", memory="32Gi", gpus=1),  # all keys in memory; faiss-gpu k-means
+    "context_build_index": Resources("gpu", cpu="8", memory="32Gi", gpus=1),  # all keys in memory; faiss-gpu k-means
     "context_encode_images": Resources("gpu", cpu="8", memory="32Gi", gpus=1),  # DataLoader workers cut 15 views
-    "context_retrieve_plan": Resources("cpu", cpu="1", memory="2Gi"),
+    "context_plan_retrieval": Resources("cpu", cpu="1", memory="2Gi"),
     "context_retrieve": Resources("gpu", cpu="4", memory="16Gi", gpus=1),
     "context_merge": Resources("cpu", cpu="4", memory="16Gi"),
 }
@@ -55,9 +57,21 @@ def image(component: str) -> str:
     return IMAGES[COMPONENTS[component].image]
 
 
-def configure(task, component: str):
-    """Apply the component's declared resources, GPU and retry policy to a pipeline task."""
-    r = COMPONENTS[component]
+def component(fn):
+    """``fn`` as a KFP component in the image its entry here names (the entry's key is ``fn``'s name).
+
+    The body imports vlprep (installed in the image with the same kfp), so no pip runs at pod start.
+    """
+    from kfp import dsl
+
+    if fn.__name__ not in COMPONENTS:
+        raise KeyError(f"component {fn.__name__}: add its image and resources to COMPONENTS in {__file__}")
+    return dsl.component(base_image=image(fn.__name__), install_kfp_package=False)(fn)
+
+
+def configure(task):
+    """Apply the task's component's declared resources, GPU and retry policy to it."""
+    r = COMPONENTS[task.component_spec.name.replace("-", "_")]
     task.set_cpu_request(r.cpu).set_cpu_limit(r.cpu)
     task.set_memory_request(r.memory).set_memory_limit(r.memory)
     if r.gpus:

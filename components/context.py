@@ -1,84 +1,79 @@
 """Cross-modal context (Xmodal-Ctx / HAAV). See vlprep.stages.context.
 
-plan (settings, phrases) -> plan_images; plan -> encode_phrases (per phrase shard, GPU) -> index (GPU when faiss sees one)
-     -> encode_images (per image shard, GPU) -> retrieve_plan -> retrieve (per image shard, GPU) -> merge
+plan (settings, phrases) -> plan_images; plan -> encode_phrases (per phrase shard, GPU) -> build_index (GPU when
+faiss sees one) -> encode_images (per image shard, GPU) -> plan_retrieval -> retrieve (per image shard, GPU) -> merge
 """
 
 from kfp import dsl
-from vlprep_components.config import image
+from vlprep_components.config import component
 
 
-@dsl.component(base_image=image("context_plan"), install_kfp_package=False)
-def context_plan(
-    attributes: str,
-    relationships: str,
-    out: str,
-    recipe: str,
-    weights: str,
-    text_weights: str,
-    model_cfg: str,
-    index: str,
-    topk: str,
-    attribute_leak: bool,
-    phrase_shards: int,
-    image_batch: int,
-    text_batch: int,
-    encode_batch: int,
+@component
+def context_plan(  # one parameter per setting (vlprep.stages.context.make_settings) + the fan-out
+    images: str, image_root: str, attributes: str, relationships: str, recipe: str, weights: str, text_weights: str,
+    model_cfg: str, index: str, topk: str, attribute_leak: bool, image_batch: int, text_batch: int, encode_batch: int,
+    out: str, phrase_shards: int, split: str,
 ) -> list:
     from vlprep.stages import context
 
-    p = context.plan(attributes, relationships, out, int(phrase_shards), recipe, weights, text_weights, model_cfg,
-                     index, topk, int(image_batch), int(text_batch), int(encode_batch), bool(attribute_leak))
-    return p["phrases"]
+    settings = context.make_settings(
+        images=images, image_root=image_root, attributes=attributes, relationships=relationships, recipe=recipe,
+        weights=weights, text_weights=text_weights, model_cfg=model_cfg, index=index, topk=topk,
+        attribute_leak=bool(attribute_leak), image_batch=int(image_batch), text_batch=int(text_batch),
+        encode_batch=int(encode_batch))
+    return context.plan(out, settings, num_shards=int(phrase_shards), split=split)
 
 
-@dsl.component(base_image=image("context_plan_images"), install_kfp_package=False)
-def context_plan_images(phrase_shards: list, images: str, out: str, image_shards: int, image_root: str) -> list:
+@component
+def context_plan_images(phrase_shards: list, out: str, image_shards: int, split: str) -> list:
     from vlprep.stages import context
 
-    return context.plan_images(images, out, int(image_shards), image_root)
+    return context.plan_images(out, num_shards=int(image_shards), split=split)
 
 
-@dsl.component(base_image=image("context_encode_phrases"), install_kfp_package=False)
+@component
 def context_encode_phrases(spec: dict, device: str) -> dict:
+    from vlprep import stage
     from vlprep.stages import context
 
-    marker = context.encode_phrases(spec, device)
+    marker = context.encode_phrases(spec, stage.Runtime(device=device))
     return {k: marker[k] for k in ("shard", "items", "skipped", "failed", "rows")}
 
 
-@dsl.component(base_image=image("context_index"), install_kfp_package=False)
-def context_index(shards: list, out: str) -> dict:
+@component
+def context_build_index(shards: list, out: str) -> dict:
     from vlprep.stages import context
 
     meta = context.build_index(out)
     return {k: meta[k] for k in ("factory", "nlist", "nprobe", "n", "dim", "gpus", "skipped") if meta[k] is not None}
 
 
-@dsl.component(base_image=image("context_encode_images"), install_kfp_package=False)
+@component
 def context_encode_images(spec: dict, device: str, num_workers: int) -> dict:
+    from vlprep import stage
     from vlprep.stages import context
 
-    marker = context.encode_images(spec, device, int(num_workers))
+    marker = context.encode_images(spec, stage.Runtime(device=device, num_workers=int(num_workers)))
     return {k: marker[k] for k in ("shard", "items", "skipped", "failed", "images")}
 
 
-@dsl.component(base_image=image("context_retrieve_plan"), install_kfp_package=False)
-def context_retrieve_plan(images: list, index: dict, out: str) -> list:
+@component
+def context_plan_retrieval(images: list, index: dict, out: str) -> list:
     from vlprep.stages import context
 
     return context.plan_retrieval(out)
 
 
-@dsl.component(base_image=image("context_retrieve"), install_kfp_package=False)
+@component
 def context_retrieve(spec: dict, device: str) -> dict:
+    from vlprep import stage
     from vlprep.stages import context
 
-    marker = context.retrieve(spec, device)
+    marker = context.retrieve(spec, stage.Runtime(device=device))
     return {k: marker[k] for k in ("shard", "items", "skipped", "images")}
 
 
-@dsl.component(base_image=image("context_merge"), install_kfp_package=False)
+@component
 def context_merge(shards: list, out: str, report: dsl.Output[dsl.HTML]) -> dict:
     import shutil
 

@@ -1,15 +1,16 @@
-"""KFP pipelines: one per workflow, plus ``demo`` composing them. Registry in ``PIPELINES``."""
+"""KFP pipelines: one per workflow (named as its stage, CLI command and components), plus ``demo``
+composing them. Registry in ``PIPELINES``; ``cli.py`` holds ``vlprep run / compile / submit``."""
 
 from vlprep_pipelines import demo as _demo
 from vlprep_pipelines.captions import captions
-from vlprep_pipelines.crossmodal_context import crossmodal_context
-from vlprep_pipelines.region_features import region_features
+from vlprep_pipelines.context import context
+from vlprep_pipelines.regions import regions
 
 PIPELINES = {
     "captions": captions,
-    "crossmodal_context": crossmodal_context,
+    "context": context,
     "demo": _demo.demo,
-    "region_features": region_features,
+    "regions": regions,
 }
 
 # pipeline -> function(sample_dir, run_dir) giving the parameters of a local run on the sample

@@ -5,9 +5,7 @@ Captions are cheap; the fan-out is here to prove the mechanism every GPU stage u
 
 from kfp import dsl
 from vlprep_components.captions import captions_extract, captions_merge, captions_plan
-from vlprep_components.config import configure
-
-PARALLELISM = 8  # a literal: KFP needs it at compile time
+from vlprep_components.config import PARALLELISM, configure
 
 
 @dsl.pipeline(name="captions", description="Karpathy split file -> VOLTA caption annotations (jsonl)")
@@ -17,15 +15,10 @@ def captions(
     dataset: str = "coco",
     test1k_ids: str = "",
     num_shards: int = 4,
+    split: str = "balanced",
 ):
-    plan = configure(captions_plan(karpathy=karpathy, dataset=dataset, out=out, num_shards=num_shards),
-                     "captions_plan")
+    plan = configure(captions_plan(karpathy=karpathy, dataset=dataset, test1k_ids=test1k_ids, out=out,
+                                   num_shards=num_shards, split=split))
     with dsl.ParallelFor(plan.output, parallelism=PARALLELISM) as spec:
-        extract = configure(
-            captions_extract(spec=spec, karpathy=karpathy, dataset=dataset, test1k_ids=test1k_ids),
-            "captions_extract",
-        )
-    configure(
-        captions_merge(shards=dsl.Collected(extract.output), dataset=dataset, out=out, test1k_ids=test1k_ids),
-        "captions_merge",
-    )
+        extract = configure(captions_extract(spec=spec))
+    configure(captions_merge(shards=dsl.Collected(extract.output), out=out))

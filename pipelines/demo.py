@@ -7,21 +7,23 @@ Weights default to ``random:0`` (offline; flagged in logs and reports); pass rea
 """
 
 from kfp import dsl
-from vlprep_pipelines.crossmodal_context import crossmodal_context
-from vlprep_pipelines.region_features import region_features
+from vlprep_pipelines.context import context as context_pipeline
+from vlprep_pipelines.regions import regions
 
 
 @dsl.pipeline(name="demo", description="All vlprep workflows on one small dataset")
-def demo(karpathy: str, test1k_ids: str, images: str, mscoco: str, annotations: str, attributes: str,
-         relationships: str, context: str, weights: str = "random:0", clip_weights: str = "random:0",
-         num_shards: int = 2, arch: str = "full", device: str = "cpu"):
-    region_features(images=images, out=mscoco, karpathy=karpathy, annotations=annotations, dataset="coco",
-                    recipe="caffe36", weights=weights, num_shards=num_shards, device=device, batch_size=4,
-                    num_workers=2, arch=arch, test1k_ids=test1k_ids)
+def demo(  # every input path is a parameter: KFP cannot join strings for a nested pipeline's inputs
+    karpathy: str, test1k_ids: str, images: str, mscoco: str, annotations: str, attributes: str, relationships: str,
+    context: str, weights: str = "random:0", clip_weights: str = "random:0", num_shards: int = 2, arch: str = "full",
+    device: str = "cpu",
+):
+    regions(images=images, out=mscoco, karpathy=karpathy, annotations=annotations, dataset="coco", recipe="caffe36",
+            weights=weights, num_shards=num_shards, device=device, batch_size=4, num_workers=2, arch=arch,
+            test1k_ids=test1k_ids)
     # 141 sample phrases are too few for an IVF index: the exact one
-    crossmodal_context(images=images, attributes=attributes, relationships=relationships, out=context,
-                       recipe="xmodal-ctx", weights=clip_weights, index="flat", image_shards=num_shards,
-                       phrase_shards=num_shards, image_batch=4, text_batch=64, num_workers=2, device=device)
+    context_pipeline(images=images, attributes=attributes, relationships=relationships, out=context,
+                     recipe="xmodal-ctx", weights=clip_weights, index="flat", image_shards=num_shards,
+                     phrase_shards=num_shards, image_batch=4, text_batch=64, num_workers=2, device=device)
 
 
 def local_params(sample: str, run_dir: str) -> dict:

@@ -22,8 +22,18 @@ def pipelines() -> dict:
     return PIPELINES
 
 
+# earlier names of two workflows, still accepted by `vlprep run / compile / submit`
+ALIASES = {"region_features": "regions", "crossmodal_context": "context"}
+
+
+def canonical(name: str) -> str:
+    """The pipeline's name (its workflow's name everywhere: CLI, stage, components, pipeline)."""
+    return ALIASES.get(name, name)
+
+
 def get(name: str):
     found = pipelines()
+    name = canonical(name)
     if name not in found:
         raise VlprepError(f"unknown pipeline {name!r}; available: {', '.join(sorted(found))}")
     return found[name]
@@ -36,10 +46,6 @@ def compile_pipeline(name: str, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(get(name), str(path))
     return path
-
-
-def compile_all(outdir: str | Path) -> list[Path]:
-    return [compile_pipeline(name, Path(outdir, f"{name}.yaml")) for name in sorted(pipelines())]
 
 
 def run_local(name: str, params: dict, pipeline_root: str | Path):

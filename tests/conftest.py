@@ -57,14 +57,14 @@ def gcs(gcs_emulator, monkeypatch):
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
-    monkeypatch.setattr(storage, "_client", None)
+    storage.reset_after_fork()  # a client made before the environment changed would not see the emulator
     yield f"gs://vlprep-test/{os.urandom(4).hex()}"
-    monkeypatch.setattr(storage, "_client", None)
+    storage.reset_after_fork()
 
 
 @pytest.fixture(scope="session")
 def sample() -> Path:
-    from vlprep.cli import sample_dir
+    from vlprep.sample import sample_dir
 
     return Path(sample_dir())
 

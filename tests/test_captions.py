@@ -13,6 +13,11 @@ from vlprep.cli import main
 from vlprep.stages import captions
 
 
+def run_captions(karpathy, dataset: str, out, test1k_ids: str = "", num_shards: int = 1, **kw) -> dict:
+    settings = captions.Settings(karpathy=str(karpathy), dataset=dataset, test1k_ids=str(test1k_ids))
+    return captions.run(str(out), settings, num_shards=num_shards, **kw)
+
+
 def upstream_captions(infile: Path, outdir: Path, dataset: str, test1k_ids: list[int] | None = None) -> None:
     """VOLTA's data/{mscoco,flickr30k}/extract_captions.py, as its .sh scripts run it (plus COCO test)."""
     lst = json.load(open(infile))["images"]
@@ -62,7 +67,7 @@ def test_same_bytes_as_upstream(tmp_path, dataset, num_shards):
         Path(ids_file).write_text("".join(f"{i}\n" for i in ids))
     (tmp_path / "up").mkdir()
     upstream_captions(src, tmp_path / "up", dataset, ids)
-    summary = captions.run(str(src), dataset, str(tmp_path / "ours"), ids_file, num_shards)
+    summary = run_captions(src, dataset, tmp_path / "ours", ids_file, num_shards)
     names = sorted(p.name for p in (tmp_path / "up").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "ours").glob("*.jsonl"))
     for name in names:
@@ -73,7 +78,7 @@ def test_same_bytes_as_upstream(tmp_path, dataset, num_shards):
 
 
 def test_sample_dataset(sample, tmp_path):
-    captions.run(str(sample / "dataset_coco.json"), "coco", str(tmp_path), str(sample / "test1k_ids.txt"), 3)
+    run_captions(sample / "dataset_coco.json", "coco", tmp_path, sample / "test1k_ids.txt", 3)
     train = [json.loads(x) for x in (tmp_path / "train_ann.jsonl").read_text().splitlines()]
     assert [r["id"] for r in train] == [1, 2, 3]  # train then restval
     assert list(train[0]) == ["sentences", "id"]
@@ -97,7 +102,7 @@ def test_malformed_input_one_clear_error_and_nothing_written(tmp_path, doc, expe
     src.write_text(doc)
     out = tmp_path / "out"
     with pytest.raises(VlprepError, match=expect) as e:
-        captions.run(str(src), "flickr30k", str(out))
+        run_captions(src, "flickr30k", out)
     assert str(src) in str(e.value)
     assert not out.exists()
 
@@ -115,12 +120,12 @@ def test_bad_test1k_ids(tmp_path, sample):
     ids = tmp_path / "ids.txt"
     ids.write_text("12\nabc\n")
     with pytest.raises(VlprepError, match="line 2: 'abc' is not an integer"):
-        captions.run(str(sample / "dataset_coco.json"), "coco", str(tmp_path / "o"), str(ids))
+        run_captions(sample / "dataset_coco.json", "coco", tmp_path / "o", ids)
 
 
 def test_gcs_output(gcs, sample):
     from vlprep import storage
 
-    captions.run(str(sample / "dataset_coco.json"), "coco", gcs, "", 2)
+    run_captions(sample / "dataset_coco.json", "coco", gcs, "", 2)
     assert storage.read_text(f"{gcs}/valid_ann.jsonl").count("\n") == 1
     assert f"{gcs}/train_ann.jsonl" in storage.list_prefix(gcs)

@@ -7,7 +7,6 @@ with the tiny model's widths (64-d visual context, 32-d keys/values) instead of 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -16,22 +15,31 @@ import h5py
 import numpy as np
 import pytest
 
-from vlprep import VlprepError
+from vlprep import VlprepError, index, stage
+from vlprep.data import ids as image_ids
 from vlprep.data import visual_genome as vg
 from vlprep.formats import ctx_h5
 from vlprep.stages import context as C
 
 OUTPUTS = [C.VIS_CTX, C.TXT_CTX, C.CAPTION_DB, C.FAISS_INDEX, C.PHRASES]
-COMMON = dict(weights="random:0", model_cfg="tiny", index="flat", image_batch=2, text_batch=32, device="cpu")
+COMMON = dict(weights="random:0", model_cfg="tiny", index="flat", image_batch=2, text_batch=32)
+CPU = stage.Runtime(device="cpu", num_workers=0)
 
 
 def vg_files(sample: Path) -> tuple[str, str]:
     return str(sample / "vg" / "attributes.json"), str(sample / "vg" / "relationships.json")
 
 
-def run(sample: Path, out: Path, images: str | None = None, **kw) -> dict:
-    params = {**COMMON, **kw}
-    return C.run(images or str(sample / "images"), *vg_files(sample), str(out), **params)
+def settings(sample: Path, images: str | None = None, **kw) -> C.Settings:
+    attributes, relationships = vg_files(sample)
+    return C.make_settings(images=images or str(sample / "images"), attributes=attributes,
+                           relationships=relationships, **{**COMMON, **kw})
+
+
+def run(sample: Path, out, images: str | None = None, num_workers: int = 0, image_shards: int = 1,
+        phrase_shards: int = 1, **kw) -> dict:
+    return C.run(str(out), settings(sample, images, **kw), image_shards=image_shards, phrase_shards=phrase_shards,
+                 runtime=stage.Runtime(device="cpu", num_workers=num_workers))
 
 
 def same_bytes(a: Path, b: Path, names=OUTPUTS) -> list[str]:
@@ -193,7 +201,7 @@ def test_views_are_clip_preprocess_bit_for_bit_and_outputs_are_the_encoders(one,
         want = torch.stack([clip.preprocess(v, rule) for v in views])
         assert torch.equal(C.normalize(C.cut_views(im, rule)), want)
     out, _ = one
-    enc = C.encoder_for(C.read_settings(str(out)), "cpu")
+    enc = C.encoder_for(C.STAGE.open(str(out)).settings(), "cpu")
     got = enc.encode_images(views)  # whole image first, then the 14 crops
     shard = out / "_work/context/images/shard-00000-of-00001"
     row = [e["key"] for e in json.loads((shard / "images.json").read_text())].index(5)
@@ -204,26 +212,27 @@ def test_views_are_clip_preprocess_bit_for_bit_and_outputs_are_the_encoders(one,
 def test_ivf_parameters_and_small_corpus_error(tmp_path):
     import faiss
 
-    assert C.ivf_params(1) == (8, 1)  # K // 10 = 0 -> nprobe 1
-    assert C.ivf_params(100) == (80, 8)
-    assert C.ivf_params(3000) == (438, 43)  # round(8 * 54.77) = 438
-    assert C.ivf_params(123_287 * 10) == (round(8 * np.sqrt(1_232_870)), round(8 * np.sqrt(1_232_870)) // 10)
+    assert index.ivf_params(1) == (8, 1)  # K // 10 = 0 -> nprobe 1
+    assert index.ivf_params(100) == (80, 8)
+    assert index.ivf_params(3000) == (438, 43)  # round(8 * 54.77) = 438
+    assert index.ivf_params(123_287 * 10) == (round(8 * np.sqrt(1_232_870)), round(8 * np.sqrt(1_232_870)) // 10)
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(3000, 16)).astype(np.float32)
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
-    index, info = C.make_index(keys, "ivf")
+    built, info = index.build(keys, "ivf")
     assert info["factory"] == "IVF438,Flat" and (info["nlist"], info["nprobe"]) == (438, 43)
-    faiss.write_index(index, str(tmp_path / "faiss.index"))
+    index.save(built, str(tmp_path / "faiss.index"))
     back = faiss.read_index(str(tmp_path / "faiss.index"))
+    assert faiss.extract_index_ivf(index.load(str(tmp_path / "faiss.index"), nprobe=7)).nprobe == 7
     ivf = faiss.extract_index_ivf(back)
     assert (ivf.nlist, ivf.nprobe, back.ntotal, back.metric_type) == (438, 43, 3000, faiss.METRIC_INNER_PRODUCT)
     # with every list probed, IVF finds the exact top-k
     ivf.nprobe = 438
-    flat, _ = C.make_index(keys, "flat")
+    flat, _ = index.build(keys, "flat")
     q = keys[:20] + 0.1 * rng.normal(size=(20, 16)).astype(np.float32)
     assert np.array_equal(back.search(q, 5)[1], flat.search(q, 5)[1])
     with pytest.raises(VlprepError, match="use index='flat'"):
-        C.make_index(keys[:50], "ivf")  # K = 57 > 50
+        index.build(keys[:50], "ivf")  # K = 57 > 50
 
 
 def test_ivf_index_on_the_sample_is_refused_clearly(tmp_path, sample):
@@ -253,10 +262,10 @@ def test_haav_layouts(tmp_path, sample):
 
 
 def test_image_ids_and_stem_fallback(tmp_path, sample):
-    assert C.image_key("gs://b/train2014/COCO_train2014_000000531912.jpg") == 531912
-    assert C.image_key("/x/1000092795.jpg") == 1000092795
-    assert C.image_key("/x/cat.png") == "cat" and C.image_key("/x/img_v2.png") == "img_v2"
-    assert sorted([3, "b", 12, "a"], key=C.key_order) == [3, 12, "a", "b"]
+    assert image_ids.context_key("gs://b/train2014/COCO_train2014_000000531912.jpg") == 531912
+    assert image_ids.context_key("/x/1000092795.jpg") == 1000092795
+    assert image_ids.context_key("/x/cat.png") == "cat" and image_ids.context_key("/x/img_v2.png") == "img_v2"
+    assert sorted([3, "b", 12, "a"], key=image_ids.key_order) == [3, 12, "a", "b"]
     src = tmp_path / "images"
     src.mkdir()
     shutil.copy(sample / "images/train2014/COCO_train2014_000000000002.jpg", src / "chelsea.jpg")
@@ -282,8 +291,10 @@ def test_settings_errors(tmp_path, sample):
 
 
 def test_cli_phrases(tmp_path, sample):
-    p = argparse.ArgumentParser()
-    C.add_cli(p.add_subparsers(dest="command"))
+    from vlprep.cli import context as cli_context
+    from vlprep.cli import parser
+
+    p = parser()
     attrs, rels = vg_files(sample)
     args = p.parse_args(["ctx", "phrases", "--attributes", attrs, "--relationships", rels, "--out",
                          str(tmp_path / "p.txt"), "--no-attribute-leak"])
@@ -291,39 +302,41 @@ def test_cli_phrases(tmp_path, sample):
     assert (tmp_path / "p.txt").read_text().splitlines() == vg.build_phrases(attrs, rels, attribute_leak=False)
     args = p.parse_args(["ctx", "run", "--images", "x", "--attributes", attrs, "--relationships", rels, "--out", "o",
                          "--recipe", "haav", "--topk", "8,4,2", "--index", "flat"])
-    assert (args.recipe, args.topk, args.index, args.func) == ("haav", "8,4,2", "flat", C.cmd_run)
+    assert (args.recipe, args.topk, args.index, args.func) == ("haav", "8,4,2", "flat", cli_context.cmd_run)
+    args = p.parse_args(["context", "run", "--images", "x", "--attributes", attrs, "--relationships", rels, "--out", "o",
+                         "--split", "group", "--num-workers", "3"])  # the workflow's name; ctx is its alias
+    assert (args.split, args.workers, args.func) == ("group", 3, cli_context.cmd_run)
 
 
 # ---------------------------------------------------------------- KFP: components and the local pipeline run
 
 PIPE_PARAMS = dict(recipe="xmodal-ctx", weights="random:0", text_weights="", model_cfg="tiny", index="flat", topk="",
-                   attribute_leak=True, image_batch=2, text_batch=32, encode_batch=256)
+                   attribute_leak=True, image_batch=2, text_batch=32, encode_batch=256, image_root="", split="balanced")
 
 
 def test_plan_and_merge_components(tmp_path, sample, one):
     from kfp_harness import load, run_component
 
-    spec, _ = load("crossmodal_context")
+    spec, _ = load("context")
     out = tmp_path / "store"
     attrs, rels = vg_files(sample)
     vals, _ = run_component(spec, "context-plan", {
-        "attributes": attrs, "relationships": rels, "out": str(out), "phrase_shards": 2, **PIPE_PARAMS},
-        tmp_path / "plan")
+        "images": str(sample / "images"), "attributes": attrs, "relationships": rels, "out": str(out),
+        "phrase_shards": 2, **PIPE_PARAMS}, tmp_path / "plan")
     phrase_specs = vals["Output"]
     assert [s["index"] for s in phrase_specs] == [0, 1] and json.loads((out / "_work/context/settings.json").read_text())[
         "model_cfg"] == C.TINY_CFG
     vals, _ = run_component(spec, "context-plan-images", {
-        "phrase_shards": phrase_specs, "images": str(sample / "images"), "out": str(out), "image_shards": 2,
-        "image_root": ""},
+        "phrase_shards": phrase_specs, "out": str(out), "image_shards": 2, "split": "balanced"},
         tmp_path / "plan_images")
     assert [s["index"] for s in vals["Output"]] == [0, 1]
     for s in phrase_specs:
-        C.encode_phrases(s, "cpu")
+        C.encode_phrases(s, CPU)
     C.build_index(str(out))
     for s in vals["Output"]:
-        C.encode_images(s, "cpu", 0)
+        C.encode_images(s, CPU)
     for s in C.plan_retrieval(str(out)):
-        C.retrieve(s, "cpu")
+        C.retrieve(s, CPU)
     done = [{"shard": i, "items": 1, "skipped": False, "images": 3} for i in range(2)]
     vals, arts = run_component(spec, "context-merge", {"shards": done, "out": str(out)}, tmp_path / "merge")
     assert vals["Output"]["images"] == 6 and vals["Output"]["failed"] == []
@@ -338,7 +351,7 @@ def test_local_pipeline_run_equals_direct_stage(tmp_path, sample, one):
     params = {"images": str(sample / "images"), "attributes": attrs, "relationships": rels,
               "out": str(tmp_path / "local"), **PIPE_PARAMS, "image_shards": 2, "phrase_shards": 2,
               "num_workers": 0, "device": "cpu"}
-    engine.run_local("crossmodal_context", params, tmp_path / "root")
+    engine.run_local("context", params, tmp_path / "root")
     assert same_bytes(tmp_path / "local", one[0]) == []
     work = tmp_path / "local/_work/context"
     assert [len(list((work / d).glob("*.done.json"))) for d in ("phrases", "images", "retrieve")] == [2, 2, 2]
@@ -350,7 +363,7 @@ def test_stage_on_gcs_equals_local(gcs, sample, one):
     from vlprep import storage
 
     out = f"{gcs}/ctx"
-    summary = C.run(str(sample / "images"), *vg_files(sample), out, num_workers=0, image_shards=2, **COMMON)
+    summary = run(sample, out, image_shards=2)
     assert summary["images"] == 6
     for name in OUTPUTS:
         assert storage.read_bytes(storage.join(out, name)) == (one[0] / name).read_bytes(), name

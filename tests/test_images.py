@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vlprep import VlprepError
-from vlprep.data import images
+from vlprep.data import ids, images
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -69,20 +69,13 @@ def test_sources(tmp_path, rgb, sample):
     assert images.list_images(str(lst)) == sorted([str(tmp_path / "root" / "b/2.jpg"), str(tmp_path / "root/a/1.png")])
     karpathy = images.list_images(str(sample / "dataset_coco.json"), str(sample / "images"))
     assert len(karpathy) == 6 and all(p.endswith(".jpg") for p in karpathy)
-    assert images.split_of(karpathy[0]) == "train2014"
+    assert ids.split_of(karpathy[0]) == "train2014"
     with pytest.raises(VlprepError, match="no .jpg"):
         images.list_images(str(tmp_path / "root" / "a" / "nothing"))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": [{"split": "x"}]}))
     with pytest.raises(VlprepError, match="not a Karpathy split file"):
         images.list_images(str(bad))
-
-
-def test_image_ids():
-    assert images.image_id("gs://b/train2014/COCO_train2014_000000000009.jpg", "coco") == "COCO_train2014_000000000009"
-    assert images.image_id("/x/1000092795.jpg", "flickr30k") == 1000092795
-    with pytest.raises(VlprepError, match="numeric"):
-        images.image_id("/x/abc.jpg", "flickr30k")
 
 
 def _exif_rotated_jpeg(orientation: int) -> bytes:

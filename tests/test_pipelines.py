@@ -26,11 +26,11 @@ def _strip_version(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory) -> Path:
-    """Every pipeline compiled now, with the default registry and tag."""
+    """Every pipeline compiled now, with the default registry and tag, as `make compile` does it."""
     out = tmp_path_factory.mktemp("compiled")
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLPREP_IMAGE")}
-    code = "import sys; from vlprep_pipelines import engine; engine.compile_all(sys.argv[1])"
-    subprocess.run([sys.executable, "-c", code, str(out)], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "vlprep.cli", "compile", "--out", str(out)], env=env, check=True,
+                   capture_output=True)
     return out
 
 
@@ -106,7 +106,7 @@ def test_local_captions_run_equals_direct_stage(tmp_path, sample):
               "out": str(tmp_path / "local"), "num_shards": 3}
     task = engine.run_local("captions", params, tmp_path / "root")
     del task
-    captions.run(params["karpathy"], "coco", str(tmp_path / "direct"), params["test1k_ids"], num_shards=1)
+    captions.run(str(tmp_path / "direct"), captions.Settings(karpathy=params["karpathy"], test1k_ids=params["test1k_ids"]))
     names = sorted(p.name for p in (tmp_path / "direct").glob("*.jsonl"))
     assert names == ["test1k_ann.jsonl", "test_ann.jsonl", "train_ann.jsonl", "valid_ann.jsonl"]
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "local", tmp_path / "direct", names, shallow=False)
@@ -147,7 +147,7 @@ def test_run_with_config_file_and_compile_cli(tmp_path, sample):
 
 
 def test_gpu_tasks_tolerate_the_gpu_taint(fresh):
-    spec, platform = _docs(fresh / "region_features.yaml")
+    spec, platform = _docs(fresh / "regions.yaml")
     execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     gpu = [name for name, e in spec["deploymentSpec"]["executors"].items() if "accelerator" in e["container"]["resources"]]
     assert gpu == ["exec-regions-extract"]
@@ -155,20 +155,68 @@ def test_gpu_tasks_tolerate_the_gpu_taint(fresh):
         {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
 
 
-def test_local_region_features_run_equals_direct_stage(tmp_path, sample):
-    from vlprep.stages import regions
+def _files(root: Path) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)}
+
+
+def test_cli_run_and_local_pipeline_run_give_the_same_files(tmp_path, sample):
+    """The region workflow from the `vlprep` CLI (one process, one shard) and as the local KFP pipeline
+    (three shards): the same files, report.html included, byte for byte except the report's timings."""
+    from vlprep.cli import main
 
     params = {"images": str(sample / "images"), "out": str(tmp_path / "local"), "karpathy": str(sample / "dataset_coco.json"),
               "annotations": str(tmp_path / "local" / "annotations"), "arch": "tiny", "device": "cpu",
               "num_shards": 3, "num_workers": 0}
-    engine.run_local("region_features", params, tmp_path / "root")
-    regions.run(str(sample / "images"), str(tmp_path / "direct"), arch="tiny", num_workers=0)
-    for sub in ("volta", "lxmert"):
-        names = sorted(p.name for p in (tmp_path / "direct" / sub).glob("*.tsv"))
-        assert len(names) == 2
-        match, mismatch, errors = filecmp.cmpfiles(tmp_path / "local" / sub, tmp_path / "direct" / sub, names,
-                                                   shallow=False)
-        assert match == names, (mismatch, errors)
-    assert (tmp_path / "local" / "trainval_feat.lmdb" / "data.mdb").exists()
-    assert (tmp_path / "local" / "hard_negative.pkl").exists()
-    assert (tmp_path / "local" / "annotations" / "train_ann.jsonl").exists()
+    engine.run_local("regions", params, tmp_path / "root")
+    cli = tmp_path / "cli"
+    assert main(["captions", "--karpathy", params["karpathy"], "--dataset", "coco", "--out", str(cli / "annotations")]) == 0
+    assert main(["regions", "extract", "--images", params["images"], "--out", str(cli), "--arch", "tiny", "--workers", "0",
+                 "--annotations", str(cli / "annotations")]) == 0
+    local, direct = _files(tmp_path / "local"), _files(cli)
+    assert sorted(local) == sorted(direct)
+    assert {"report.html", "hard_negative.pkl", "trainval_feat.lmdb/data.mdb", "annotations/train_ann.jsonl",
+            "volta/train2014_obj36-36.tsv", "lxmert/val2014_obj36-36.tsv"} <= set(local)
+    differ = [n for n in local if local[n].read_bytes() != direct[n].read_bytes()]
+    assert set(differ) <= {"report.html", "trainval_feat.lmdb/lock.mdb"}  # paths, timings; LMDB's reader table
+    figures = [f.read_text().count("<img src='data:image/png;base64,") for f in (local["report.html"], direct["report.html"])]
+    assert figures == [6, 6]
+
+
+def _leaves(task: dict, comps: dict) -> set[str]:
+    comp = comps[task["componentRef"]["name"]]
+    if "dag" not in comp:
+        return {re.sub(r"-\d+$", "", task["componentRef"]["name"].removeprefix("comp-")).replace("-", "_")}
+    return set().union(*(_leaves(t, comps) for t in comp["dag"]["tasks"].values()))
+
+
+def _after(dag: dict, comps: dict, before: frozenset = frozenset()):
+    """(component, the components it runs after) for every leaf task of a compiled DAG."""
+    for task in dag["tasks"].values():
+        deps = before.union(*(_leaves(dag["tasks"][d], comps) for d in task.get("dependentTasks", [])))
+        comp = comps[task["componentRef"]["name"]]
+        if "dag" in comp:
+            yield from _after(comp["dag"], comps, frozenset(deps))
+        else:
+            yield next(iter(_leaves(task, comps))), deps
+
+
+@pytest.mark.parametrize("stage_name", ["captions", "regions", "context"])
+def test_local_driver_runs_the_pipelines_steps_in_its_order(fresh, stage_name):
+    """`vlprep <workflow>` and the tests run stage.steps(...) in one process: the same functions as the
+    pipeline's components (component name = <stage>_<function>), in an order the pipeline allows."""
+    import importlib
+
+    from vlprep import stage
+
+    module = importlib.import_module(f"vlprep.stages.{stage_name}")
+    steps = module.steps("unused", None)
+    names = [f"{stage_name}_{s.name}" for s in steps]
+    assert all(callable(getattr(module, s.name)) for s in steps)
+    assert all(not s.over or s.over in [t.name for t in steps[:i]] for i, s in enumerate(steps))
+    assert all(isinstance(s, stage.Step) for s in steps)
+    spec = _docs(fresh / f"{stage_name}.yaml")[0]
+    order = {c: deps for c, deps in _after(spec["root"]["dag"], spec["components"]) if c.startswith(stage_name + "_")}
+    assert sorted(order) == sorted(names)
+    for name, deps in order.items():
+        assert all(names.index(d) < names.index(name) for d in deps if d in names), (name, deps)

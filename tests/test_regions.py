@@ -1,4 +1,5 @@
-"""Region-feature stage: shard invariance, resume after a kill, bad images, LMDB, hard negatives, gs://."""
+"""Region-feature stage: shard invariance, resume after a kill, reruns with other settings, bad images, LMDB,
+hard negatives, gs://."""
 
 from __future__ import annotations
 
@@ -13,22 +14,31 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlprep import shards, storage
+from vlprep import shards, stage, storage
 from vlprep.formats import volta_lmdb, volta_tsv
 from vlprep.stages import captions, regions
 
-KW = {"arch": "tiny", "weights": "random:0", "num_workers": 0, "batch_size": 4}
+RUNTIME = stage.Runtime(device="cpu", batch_size=4, num_workers=0)
+
+
+def settings(images, **kw) -> regions.Settings:
+    return regions.Settings(images=str(images), **{"arch": "tiny", "weights": "random:0", **kw})
 
 
 @pytest.fixture(scope="module")
 def detector():
-    return regions.load_detector("random:0", arch="tiny")
+    """The tiny detector, loaded once for the module (the stage keeps one per process)."""
+    return regions.detector_for(settings("unused"), RUNTIME)
 
 
 def _run(images, out, n, detector, **kw):
-    for spec in regions.plan(str(images), str(out), n):
-        regions.extract(spec, detector=detector, **{k: v for k, v in KW.items() if k != "weights"}, **kw)
+    for spec in regions.plan(str(out), settings(images, **kw), num_shards=n):
+        regions.extract(spec, RUNTIME)
     return regions.merge(str(out))
+
+
+def _captions(karpathy, out, dataset="coco"):
+    captions.run(str(out), captions.Settings(karpathy=str(karpathy), dataset=dataset))
 
 
 def _tree(out: Path) -> dict[str, bytes]:
@@ -54,15 +64,15 @@ def test_killed_shard_rerun_gives_identical_output_without_duplicates(tmp_path, 
     clean = tmp_path / "clean"
     _run(sample / "images", clean, 2, detector)
     out = tmp_path / "killed"
-    specs = regions.plan(str(sample / "images"), str(out), 2)
-    regions.extract(specs[0], detector=detector, arch="tiny", num_workers=0)
+    specs = regions.plan(str(out), settings(sample / "images"), num_shards=2)
+    regions.extract(specs[0], RUNTIME)
     # shard 1 died half-way: a partial part, no marker
-    part = shards.load(specs[1]).part("val2014.tsv")
-    storage.write_text(part, (clean / "volta" / "val2014_obj36-36.tsv").read_text()[:5000])
+    part = shards.load(specs[1]).part("features.npy")
+    storage.write_bytes(part, (clean / "volta" / "val2014_obj36-36.tsv").read_bytes()[:5000])
     with pytest.raises(Exception, match="shard 1 of 2 has no done-marker"):
         regions.merge(str(out))
     for spec in specs:  # the retry: shard 0 is skipped, shard 1 redone
-        m = regions.extract(spec, detector=detector, arch="tiny", num_workers=0)
+        m = regions.extract(spec, RUNTIME)
         assert m["skipped"] is (spec["index"] == 0)
     regions.merge(str(out))
     assert _tree(out) == _tree(clean)
@@ -104,7 +114,7 @@ def test_bad_images_are_skipped_and_listed_never_a_crash(tmp_path, sample, detec
     # the markers list them too, and the report names them
     markers = [json.loads(p.read_text()) for p in (out / "_work" / "regions").glob("*.done.json")]
     assert sum(len(m["failed"]) for m in markers) == 3
-    assert "COCO_val2014_000000000013.jpg" in summary["report_html"]
+    assert "COCO_val2014_000000000013.jpg" in (out / "report.html").read_text()
 
 
 def test_lmdb_and_hard_negatives_as_volta_reads_them(tmp_path, sample, detector):
@@ -126,14 +136,15 @@ def test_lmdb_and_hard_negatives_as_volta_reads_them(tmp_path, sample, detector)
         feats, n, spatials, _ = reader[4]
     np.testing.assert_array_equal(feats[1:], tsv["COCO_val2014_000000000004"]["features"])
     assert n == 37 and spatials.shape == (37, 5)
-    captions.run(str(sample / "dataset_coco.json"), "coco", str(out / "annotations"))
+    _captions(sample / "dataset_coco.json", out / "annotations")
     hn = regions.hard_negatives(str(out), str(out / "annotations"))
     pool = pickle.loads((out / "hard_negative.pkl").read_bytes())
     assert pool["train_image_list"] == [1, 2, 3] and hn["train_images"] == 3
     assert [row[0] for row in np.asarray(pool["train_hard_pool"])] == [0, 1, 2]
 
 
-def test_missing_annotations_for_hard_negatives(tmp_path):
+def test_missing_annotations_for_hard_negatives(tmp_path, sample):
+    regions.plan(str(tmp_path), settings(sample / "images"))
     with pytest.raises(Exception, match="run the captions stage first"):
         regions.hard_negatives(str(tmp_path), str(tmp_path / "annotations"))
 
@@ -171,12 +182,72 @@ def test_flickr30k_ids_lmdb_and_hard_negatives(tmp_path, sample, detector):
     _run(folder, out, 2, detector, dataset="flickr30k")
     rows = list(volta_tsv.read_tsv(out / "volta" / "flickr30k_images_obj36-36.tsv"))
     assert [r["img_id"] for r in rows] == [str(1000092795 + i) for i in range(4)]
-    assert regions.lmdb(str(out), "flickr30k")["lmdb"] == {str(out / "flickr30k_feat.lmdb"): 4}
+    assert regions.lmdb(str(out))["lmdb"] == {str(out / "flickr30k_feat.lmdb"): 4}
     karpathy = tmp_path / "dataset_flickr30k.json"
     karpathy.write_text(json.dumps({"images": [
         {"split": "train", "filename": f"{1000092795 + i}.jpg", "sentences": [{"raw": f"photo {i}"}]}
         for i in (2, 0, 3)]}))
-    captions.run(str(karpathy), "flickr30k", str(out / "annotations"))
-    regions.hard_negatives(str(out), str(out / "annotations"), "flickr30k")
+    _captions(karpathy, out / "annotations", "flickr30k")
+    regions.hard_negatives(str(out), str(out / "annotations"))
     pool = pickle.loads((out / "hard_negative.pkl").read_bytes())
     assert pool["train_image_list"] == [1000092797, 1000092795, 1000092798]  # train-jsonl order
+
+
+def test_rerun_with_other_weights_redoes_the_shards(tmp_path, sample, detector):
+    """Other weights (or recipe, parameters, architecture, autocast) must never reuse a shard made with
+    the old ones; a merge-time change (the formats) reuses them."""
+    out = tmp_path / "out"
+    _run(sample / "images", out, 2, detector)
+    first = _tree(out)
+    specs = regions.plan(str(out), settings(sample / "images", weights="random:1"), num_shards=2)
+    assert [regions.extract(s, RUNTIME)["skipped"] for s in specs] == [False, False]
+    regions.merge(str(out))
+    other = _tree(out)
+    assert sorted(other) == sorted(first) and all(other[k] != first[k] for k in first)
+    clean = tmp_path / "clean"
+    _run(sample / "images", clean, 1, detector, weights="random:1")
+    assert _tree(clean) == other
+    specs = regions.plan(str(out), settings(sample / "images", weights="random:1", formats="lxmert-tsv"), num_shards=2)
+    assert [regions.extract(s, RUNTIME)["skipped"] for s in specs] == [True, True]
+    markers = [json.loads(p.read_text()) for p in (out / "_work" / "regions").glob("*.done.json")]
+    assert {m["fingerprint"] for m in markers} == {settings("x", weights="random:1").fingerprint()}
+
+
+def test_split_group_reaches_the_plan(tmp_path, sample):
+    from vlprep.cli import main
+
+    out = tmp_path / "o"
+    assert main(["regions", "extract", "--images", str(sample / "images"), "--out", str(out), "--arch", "tiny",
+                 "--workers", "0", "--shards", "4", "--split", "group", "--no-lmdb", "--format", "lxmert-tsv"]) == 0
+    plan = json.loads((out / "_work" / "regions" / "plan.json").read_text())
+    assert plan["split"] == "group" and plan["bounds"] == [[0, 1], [1, 2], [2, 3], [3, 6]]  # upstream's rule
+
+
+def test_hard_negatives_on_thousands_of_images_read_features_once(tmp_path):
+    """3000 images (parts written by the stage's own writer): one pass, the exact pool."""
+    n, rng = 3000, np.random.default_rng(0)
+    uris = [f"/data/train2014/COCO_train2014_{i:012d}.jpg" for i in range(1, n + 1)]
+    out = tmp_path / "mscoco"
+    specs = regions.STAGE.start(str(out), settings("unused", annotations=str(tmp_path / "ann"))).plan(uris, num_shards=3)
+    feats = rng.normal(size=(n, 2, 8)).astype(np.float32)
+
+    def synthetic(shard, work):
+        results = [(u, {"num_boxes": 2, "image_h": 4, "image_w": 4, "features": feats[uris.index(u)],
+                        "boxes": np.zeros((2, 4), np.float32)}) for u in shard.items]
+        return {"parts": regions.write_results(shard, results), "failed": []}
+
+    for spec in specs:
+        regions.STAGE.run_shard(spec, synthetic)
+    order = rng.permutation(n)[: n - 5] + 1  # train-jsonl order; 5 images have no annotation
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "train_ann.jsonl").write_text("".join(json.dumps({"id": int(i)}) + "\n" for i in order))
+    summary = regions.hard_negatives(str(out))
+    assert summary["train_images"] == n - 5 and summary["missing_features"] == 0 and summary["pool_size"] == 100
+    pool = pickle.loads((out / "hard_negative.pkl").read_bytes())
+    assert pool["train_image_list"] == [int(i) for i in order]
+    means = feats.sum(axis=1) / 2
+    x = means[order - 1].astype(np.float64)
+    for row in (0, 17, n - 6):
+        dist = ((x - x[row]) ** 2).sum(axis=1)
+        dist[row] = -1
+        assert np.array_equal(np.asarray(pool["train_hard_pool"])[row], np.argsort(dist, kind="stable")[:100])

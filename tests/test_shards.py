@@ -119,3 +119,50 @@ def test_merged_bytes_do_not_depend_on_shard_count(tmp_path):
             shards.run_shard(s, _writer([]), "t")
         merged.add("".join(storage.read_text(sh.part("rows.txt")) for sh, _ in shards.collect(f"{root}/plan.json")))
     assert len(merged) == 1
+
+
+def test_a_marker_made_under_other_settings_is_never_taken_for_done(tmp_path):
+    root = str(tmp_path)
+    spec = shards.plan(["a", "b"], 1, root, fingerprint="weights-0")[0]
+    shards.run_shard(spec, _writer([]), "t")
+    assert json.loads(storage.read_text(shards.load(spec).marker))["fingerprint"] == "weights-0"
+    spec = shards.plan(["a", "b"], 1, root, fingerprint="weights-1")[0]  # same items, other settings
+    with pytest.raises(VlprepError, match="does not match its marker or the plan"):
+        shards.collect(spec["plan"])
+    calls = []
+    assert shards.run_shard(spec, _writer(calls), "t")["skipped"] is False and calls == [0]
+    assert shards.run_shard(spec, _writer(calls), "t")["skipped"] is True and calls == [0]
+    assert [m["fingerprint"] for _, m in shards.collect(spec["plan"])] == ["weights-1"]
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every URI opened for reading (the store's one read path), in order."""
+    seen: list[str] = []
+    real = storage.open_read
+
+    def counting(uri):
+        seen.append(str(uri))
+        return real(uri)
+
+    monkeypatch.setattr(storage, "open_read", counting)
+    return seen
+
+
+def test_parts_are_hashed_as_written_and_collect_reads_the_plan_once(tmp_path, reads):
+    specs = shards.plan([f"{i:03d}" for i in range(20)], 5, str(tmp_path))
+
+    def work(shard):
+        shard.write_part("rows.txt", "".join(f"{i}\n" for i in shard.items).encode())
+        shard.save_array("n.npy", [len(shard.items)])
+        return {"parts": ["rows.txt", "n.npy"], "failed": []}
+
+    for s in specs:
+        shards.run_shard(s, work, "t")
+    assert not [u for u in reads if "shard-" in u and not u.endswith(".done.json")]  # no part read back to hash
+    reads.clear()
+    done = shards.collect(specs[0]["plan"])
+    assert len(done) == 5 and reads.count(specs[0]["plan"]) == 1
+    assert [u for u in reads if u != specs[0]["plan"]] == [sh.marker for sh, _ in done]  # markers only, no parts
+    marker = done[0][1]
+    assert marker["parts"][0]["sha256"] == storage.sha256(done[0][0].part("rows.txt"))

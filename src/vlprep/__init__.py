@@ -1,7 +1,7 @@
 """vlprep: vision-and-language feature preparation.
 
 The package computes; it never imports kfp. Components and pipelines (outside the package) are thin
-layers that call ``vlprep.stages.<name>.run``.
+layers that call the stage functions (``vlprep.stages.<name>``: plan, extract, merge, ...).
 """
 
 __version__ = "0.1.0"

@@ -1,13 +1,17 @@
-"""The shard protocol every fanned-out stage follows.
+"""The shard protocol every fanned-out stage follows (``vlprep.stage`` wraps it for a stage).
 
 1. ``plan`` sorts the items once, splits them into N contiguous shards and writes the plan to
-   ``{root}/plan.json``. It returns small shard specs (index, count, plan URI) — what a KFP
-   ParallelFor iterates over; the item lists themselves stay in the store.
-2. A shard writes its parts under ``{root}/shard-IIIII-of-NNNNN/`` and then, last, a done-marker
-   ``{root}/shard-IIIII-of-NNNNN.done.json`` (item count, bytes and sha256 of every part, versions,
-   failed items). ``run_shard`` skips a shard whose marker verifies and redoes any other.
-3. ``collect`` (the merge step) refuses to go on if a shard's marker is missing or does not match
-   its parts or the plan, and names the shard.
+   ``{root}/plan.json`` with a *fingerprint* of the settings the shards are computed with. It returns
+   small shard specs (index, count, plan URI) — what a KFP ParallelFor iterates over; the item lists
+   themselves stay in the store.
+2. A shard writes its parts under ``{root}/shard-IIIII-of-NNNNN/`` (hashed as they are written) and
+   then, last, a done-marker ``{root}/shard-IIIII-of-NNNNN.done.json`` (item count, fingerprint, bytes
+   and sha256 of every part, versions, failed items). ``run_shard`` skips a shard whose marker verifies
+   (parts re-hashed) and redoes any other, removing its stale marker first.
+3. ``collect`` (the merge step) reads the plan once and refuses to go on if a shard's marker is
+   missing, belongs to other items or settings, or does not match its parts' sizes; it names the shard.
+   Part contents are trusted to the marker (they were hashed when written), so a merge reads each
+   part once.
 
 Shards are contiguous ranges of the sorted list, so concatenating parts in shard order gives the
 same bytes whatever N is.
@@ -16,11 +20,12 @@ same bytes whatever N is.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vlprep import VlprepError, __version__, storage
 
@@ -68,8 +73,13 @@ def versions() -> dict:
     return out
 
 
-def plan(items: Sequence, num_shards: int, root: str, split: str = "balanced", sort: bool = True) -> list[dict]:
-    """Write ``{root}/plan.json`` and return one spec per shard: ``{"index", "count", "plan"}``."""
+def plan(items: Sequence, num_shards: int, root: str, split: str = "balanced", sort: bool = True,
+         fingerprint: str = "") -> list[dict]:
+    """Write ``{root}/plan.json`` and return one spec per shard: ``{"index", "count", "plan"}``.
+
+    ``fingerprint`` names what the shards are computed with (settings, upstream results): a marker
+    made under another fingerprint is never taken for done.
+    """
     items = sorted(items) if sort else list(items)
     if len(set(map(str, items))) != len(items):
         raise VlprepError(f"{root}: the item list has duplicates; each item must appear once")
@@ -79,6 +89,7 @@ def plan(items: Sequence, num_shards: int, root: str, split: str = "balanced", s
         "items": items,
         "bounds": bounds,
         "split": split,
+        "fingerprint": fingerprint,
         "shards": [_digest(items[s:e]) for s, e in bounds],
     }
     uri = storage.join(root, "plan.json")
@@ -93,6 +104,8 @@ class Shard:
     items: list
     digest: str
     root: str
+    fingerprint: str = ""
+    written: dict = field(default_factory=dict)  # part name -> {"name", "bytes", "sha256"} hashed on write
 
     @property
     def tag(self) -> str:
@@ -106,32 +119,62 @@ class Shard:
     def marker(self) -> str:
         return storage.join(self.root, f"{self.tag}.done.json")
 
+    def write_part(self, name: str, data: bytes) -> None:
+        """Write a part (atomically) and record its size and sha256 for the marker."""
+        storage.write_bytes(self.part(name), data)
+        self.written[name] = {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def save_array(self, name: str, array) -> None:
+        """A ``.npy`` part (no pickles)."""
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+        self.write_part(name, buf.getvalue())
+
+    def write_jsonl(self, name: str, rows: Sequence[dict]) -> None:
+        """A JSON-lines part, one object per line."""
+        self.write_part(name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+
+
+def _read_plan(uri: str) -> dict:
+    try:
+        return json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        raise VlprepError(f"{uri}: shard plan missing; run the plan step first") from None
+
+
+def _shard(doc: dict, uri: str, index: int, count: int) -> Shard:
+    if len(doc["bounds"]) != count or not 0 <= index < count:
+        raise VlprepError(f"{uri}: shard {index} of {count} does not match the plan ({len(doc['bounds'])} shards)")
+    s, e = doc["bounds"][index]
+    return Shard(index, count, doc["items"][s:e], doc["shards"][index], storage.parent(uri), doc.get("fingerprint", ""))
+
 
 def load(spec: dict) -> Shard:
     """The shard a spec (from ``plan``) names, with its items."""
     index, count = int(spec["index"]), int(spec["count"])  # KFP may hand ints over as floats
-    uri = spec["plan"]
-    try:
-        doc = json.loads(storage.read_text(uri))
-    except FileNotFoundError:
-        raise VlprepError(f"{uri}: shard plan missing; run the plan step first") from None
-    if len(doc["bounds"]) != count or not 0 <= index < count:
-        raise VlprepError(f"{uri}: shard {index} of {count} does not match the plan ({len(doc['bounds'])} shards)")
-    s, e = doc["bounds"][index]
-    return Shard(index, count, doc["items"][s:e], doc["shards"][index], storage.parent(uri))
+    return _shard(_read_plan(spec["plan"]), spec["plan"], index, count)
 
 
-def verify(shard: Shard) -> dict | None:
-    """The shard's marker if it exists and matches the plan and every part; otherwise None."""
+def verify(shard: Shard, deep: bool = True) -> dict | None:
+    """The shard's marker if it exists and matches the plan, the fingerprint and every part; otherwise None.
+
+    ``deep`` re-hashes every part (before skipping work); otherwise sizes are checked and contents
+    trusted to the marker, whose hashes were taken as the parts were written.
+    """
     try:
         marker = json.loads(storage.read_text(shard.marker))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if marker.get("digest") != shard.digest or marker.get("items") != len(shard.items):
+    if (marker.get("digest") != shard.digest or marker.get("items") != len(shard.items)
+            or marker.get("fingerprint", "") != shard.fingerprint):
         return None
     for part in marker.get("parts", []):
         uri = shard.part(part["name"])
-        if not storage.exists(uri) or storage.size(uri) != part["bytes"] or storage.sha256(uri) != part["sha256"]:
+        if not storage.exists(uri) or storage.size(uri) != part["bytes"]:
+            return None
+        if deep and storage.sha256(uri) != part["sha256"]:
             return None
     return marker
 
@@ -139,25 +182,31 @@ def verify(shard: Shard) -> dict | None:
 def run_shard(spec: dict, work: Callable[[Shard], dict], stage: str, params: dict | None = None) -> dict:
     """Run ``work(shard)`` unless the shard is already done; then write its marker, last.
 
-    ``work`` writes its parts with ``shard.part(name)`` and returns
+    ``work`` writes its parts with ``shard.write_part`` / ``save_array`` / ``write_jsonl`` (or to
+    ``shard.part(name)`` directly) and returns
     ``{"parts": [name, ...], "failed": [{"item": ..., "error": ...}], **stats}``.
     """
     shard = load(spec)
     done = verify(shard)
     if done is not None:
         return {**done, "skipped": True}
+    storage.delete(shard.marker)  # a stale marker must never stand beside new parts
     t0 = time.time()
     result = dict(work(shard))
     parts = []
     for name in result.pop("parts"):
-        uri = shard.part(name)
-        parts.append({"name": name, "bytes": storage.size(uri), "sha256": storage.sha256(uri)})
+        if name in shard.written:
+            parts.append(shard.written[name])
+        else:
+            uri = shard.part(name)
+            parts.append({"name": name, "bytes": storage.size(uri), "sha256": storage.sha256(uri)})
     marker = {
         "stage": stage,
         "shard": shard.index,
         "count": shard.count,
         "items": len(shard.items),
         "digest": shard.digest,
+        "fingerprint": shard.fingerprint,
         "parts": parts,
         "failed": result.pop("failed", []),
         "params": params or {},
@@ -170,19 +219,16 @@ def run_shard(spec: dict, work: Callable[[Shard], dict], stage: str, params: dic
 
 
 def collect(plan_uri: str) -> list[tuple[Shard, dict]]:
-    """Every shard of a plan with its verified marker, in shard order.
+    """Every shard of a plan with its verified marker, in shard order (the plan is read once).
 
     Raises naming the first shard that is missing or inconsistent: the merge must not run.
     """
-    try:
-        doc = json.loads(storage.read_text(plan_uri))
-    except FileNotFoundError:
-        raise VlprepError(f"{plan_uri}: shard plan missing; run the plan step first") from None
+    doc = _read_plan(plan_uri)
     count = len(doc["bounds"])
     out = []
     for i in range(count):
-        shard = load({"index": i, "count": count, "plan": plan_uri})
-        marker = verify(shard)
+        shard = _shard(doc, plan_uri, i, count)
+        marker = verify(shard, deep=False)
         if marker is None:
             why = "has no done-marker" if not storage.exists(shard.marker) else "does not match its marker or the plan"
             raise VlprepError(
@@ -190,3 +236,8 @@ def collect(plan_uri: str) -> list[tuple[Shard, dict]]:
             )
         out.append((shard, marker))
     return out
+
+
+def plan_doc(plan_uri: str) -> dict:
+    """The plan document (items, bounds, split, fingerprint)."""
+    return _read_plan(plan_uri)

@@ -92,6 +92,14 @@ def _gcs_client():
     return _client
 
 
+def reset_after_fork(*_) -> None:
+    """Forget the gs:// client (and the buckets checked with it): a forked process, such as a
+    DataLoader worker, must make its own. Usable as a ``worker_init_fn``."""
+    global _client
+    _client = None
+    _checked_buckets.clear()
+
+
 def _bucket(uri: str):
     from google.api_core import exceptions as gexc
 

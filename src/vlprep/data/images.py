@@ -69,22 +69,6 @@ def list_images(source: str, image_root: str = "") -> list[str]:
     return sorted(set(items))
 
 
-def split_of(uri: str) -> str:
-    """The folder an image is in (COCO: train2014 / val2014 / test2015)."""
-    return PurePosixPath(uri).parent.name
-
-
-def image_id(uri: str, dataset: str) -> str | int:
-    """VOLTA's img_id: COCO the file stem (``COCO_train2014_000000000009``), Flickr30k int(stem)."""
-    stem = PurePosixPath(uri).stem
-    if dataset == "flickr30k":
-        try:
-            return int(stem)
-        except ValueError:
-            raise VlprepError(f"{uri}: Flickr30k image names are numeric (e.g. 1000092795.jpg)") from None
-    return stem
-
-
 def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     """Any decoded mode to 8-bit RGB with the right pixels: 16-bit and 32-bit greys are scaled, not clipped."""
     if im.mode == "RGB":

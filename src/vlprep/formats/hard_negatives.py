@@ -12,10 +12,9 @@ BallTree queried with its own points returns. The loader draws a negative from p
 ``1 .. K-1`` (``np.random.randint(1, len(row))``) and applies ``int()``.
 
 Differences from the upstream builder:
-- Search is exact brute-force L2 with faiss (``faiss.knn``: the same computation as
-  ``IndexFlatL2.search``, without copying the features into an index), then the candidates are
-  re-ranked by float64 distances with ties broken by position, and i is put first even when other
-  images have identical features. BallTree's order among exact ties is not specified.
+- Search is exact brute-force L2 (``vlprep.index.nearest_neighbours``: faiss kNN candidates
+  re-ranked by float64 distances with ties broken by position, and i put first even when other
+  images have identical features). BallTree's order among exact ties is not specified.
 - Upstream stores the pool as float64 (a ``pymp`` shared array); here it is int64.
 - With fewer than K training images the pool has N columns (every other image), which the loader
   handles since it samples from ``len(row)``; fewer than 2 images raise.
@@ -26,12 +25,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
-import faiss
 import numpy as np
 
 from vlprep import VlprepError, safe_pickle, storage
-from vlprep.formats.volta_lmdb import LmdbFeatureReader, lmdb_key
+from vlprep.data.ids import lmdb_key
+from vlprep.formats.volta_lmdb import LmdbFeatureReader
 from vlprep.formats.volta_tsv import LXMERT_FIELDS, decode_row, iter_rows
+from vlprep.index import nearest_neighbours
 
 POOL_SIZE = 100
 
@@ -43,67 +43,56 @@ def build_hard_negatives(
     k: int = POOL_SIZE,
     margin: int = 16,
     batch: int = 256,
+    skip_missing: bool = False,
 ) -> dict:
     """``{"train_image_list", "train_hard_pool"}`` for ``train_ids`` (train-jsonl order).
 
-    ``features`` yields ``(image id, mean region feature)``, e.g. from ``mean_features_tsv``;
-    ids not in ``train_ids`` are skipped, a missing or repeated training id raises. Memory: one
+    ``features`` yields ``(image id, mean region feature)``, e.g. from ``mean_features_tsv``, read
+    once; ids not in ``train_ids`` are skipped, a repeated training id raises, and a training id
+    without features raises (or, with ``skip_missing``, is left out of the list). Memory: one
     float32 [N, D] matrix. ``margin`` extra faiss candidates per query are re-ranked exactly.
     """
     ids = [int(i) for i in train_ids]
     position = {image_id: p for p, image_id in enumerate(ids)}
     if len(position) != len(ids):
         raise VlprepError("train image list has duplicate ids; each training image must appear once")
-    n = len(ids)
-    if n < 2:
-        raise VlprepError(f"hard negatives need at least 2 training images (got {n})")
-    matrix = None
-    filled = np.zeros(n, dtype=bool)
-    for image_id, feature in features:
-        p = position.get(int(image_id))
-        if p is None:
-            continue
-        feature = np.asarray(feature, dtype=np.float32).reshape(-1)
-        if matrix is None:
-            matrix = np.empty((n, feature.size), dtype=np.float32)
-        if filled[p]:
-            raise VlprepError(f"image {image_id} has two feature rows; deduplicate the feature files first")
-        if feature.size != matrix.shape[1]:
-            raise VlprepError(f"image {image_id}: feature size {feature.size}, others {matrix.shape[1]}")
-        matrix[p] = feature
-        filled[p] = True
-    if not filled.all():
+    if len(ids) < 2:
+        raise VlprepError(f"hard negatives need at least 2 training images (got {len(ids)})")
+    matrix, filled = _fill(ids, position, features)
+    if not filled.all() and not skip_missing:
         missing = [ids[p] for p in np.flatnonzero(~filled)[:10]]
         raise VlprepError(
-            f"{n - int(filled.sum())} training images have no features (first: {missing}); extract them first"
+            f"{len(ids) - int(filled.sum())} training images have no features (first: {missing}); extract them first"
         )
+    if not filled.all():
+        ids = [i for i, ok in zip(ids, filled, strict=True) if ok]
+        matrix = matrix[filled]
+        if len(ids) < 2:
+            raise VlprepError(f"only {len(ids)} training image(s) have features; need at least 2")
     return {
         "train_image_list": ids,
         "train_hard_pool": nearest_neighbours(matrix, k, margin=margin, batch=batch),
     }
 
 
-def nearest_neighbours(
-    x: np.ndarray, k: int = POOL_SIZE, *, margin: int = 16, batch: int = 256
-) -> np.ndarray:
-    """int64 [N, min(k, N)]: for each row of ``x``, itself then its nearest rows by L2, nearest first."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n = len(x)
-    k = min(k, n)
-    wanted = min(k + margin, n)
-    out = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, batch):
-        queries = x[start : start + batch]
-        _, candidates = faiss.knn(queries, x, wanted)
-        for row, (q, cand) in enumerate(zip(queries, candidates, strict=True)):
-            me = start + row
-            cand = np.unique(np.append(cand[cand >= 0], me))
-            diff = x[cand].astype(np.float64) - q.astype(np.float64)
-            dist = np.einsum("ij,ij->i", diff, diff)
-            dist[cand == me] = -1.0  # the query itself first, even among exact duplicates
-            order = np.lexsort((cand, dist))  # by distance, then by position
-            out[me] = cand[order[:k]]
-    return out
+def _fill(ids: list[int], position: dict, features: Iterable[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The [N, D] feature matrix in ``ids`` order and which rows were given."""
+    matrix = None
+    filled = np.zeros(len(ids), dtype=bool)
+    for image_id, feature in features:
+        p = position.get(int(image_id))
+        if p is None:
+            continue
+        feature = np.asarray(feature, dtype=np.float32).reshape(-1)
+        if matrix is None:
+            matrix = np.zeros((len(ids), feature.size), dtype=np.float32)
+        if filled[p]:
+            raise VlprepError(f"image {image_id} has two feature rows; deduplicate the feature files first")
+        if feature.size != matrix.shape[1]:
+            raise VlprepError(f"image {image_id}: feature size {feature.size}, others {matrix.shape[1]}")
+        matrix[p] = feature
+        filled[p] = True
+    return (matrix if matrix is not None else np.zeros((len(ids), 0), np.float32)), filled
 
 
 def write_hard_negatives(path, pool: dict) -> None:
@@ -129,7 +118,7 @@ def mean_features_tsv(path, dataset: str) -> Iterator[tuple[int, np.ndarray]]:
         for row in iter_rows(f, LXMERT_FIELDS, name=str(path)):  # the first 10 fields of either format
             yield (
                 int(lmdb_key(row["img_id"], dataset)),
-                _mean(decode_row(row, keys=("features",))["features"]),
+                mean_feature(decode_row(row, keys=("features",))["features"]),
             )
 
 
@@ -137,8 +126,9 @@ def mean_features_lmdb(path, feature_size: int = 2048) -> Iterator[tuple[int, np
     """``(int(key), mean region feature)`` for every image of a VOLTA LMDB, in key order."""
     with LmdbFeatureReader(path, feature_size=feature_size) as reader:
         for key in reader.keys():
-            yield int(key), _mean(reader[key.decode()][0])
+            yield int(key), mean_feature(reader[key.decode()][0])
 
 
-def _mean(features: np.ndarray) -> np.ndarray:
+def mean_feature(features: np.ndarray) -> np.ndarray:
+    """The mean region feature as upstream computes it (float32 ``sum(0) / num_boxes``)."""
     return features.sum(axis=0) / len(features)  # float32, as upstream: sum(0) / num_boxes

@@ -16,17 +16,27 @@ concatenates the parts in shard order, so the output does not depend on the shar
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
-from vlprep import VlprepError, shards, storage
+from vlprep import VlprepError, stage, storage
 from vlprep.data import karpathy
 
-STAGE = "captions"
 # output file -> the Karpathy splits (parts) it is made of, in order
 OUTPUTS = {
     "coco": {"train_ann.jsonl": ["train", "restval"], "valid_ann.jsonl": ["val"], "test_ann.jsonl": ["test"]},
     "flickr30k": {"train_ann.jsonl": ["train"], "valid_ann.jsonl": ["val"], "test_ann.jsonl": ["test"]},
 }
 TEST1K = "test1k"
+
+
+@dataclass(frozen=True)
+class Settings(stage.Settings):
+    karpathy: str  # dataset_coco.json / dataset_flickr30k.json (path or gs://)
+    dataset: str = "coco"
+    test1k_ids: str = ""  # COCO: file of image ids for test1k_ann.jsonl
+
+
+STAGE = stage.Stage("captions", Settings)
 
 
 def line(entry: karpathy.Entry, dataset: str) -> str:
@@ -37,50 +47,49 @@ def line(entry: karpathy.Entry, dataset: str) -> str:
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
-def work_dir(out: str) -> str:
-    """Where the plan, shard parts and done-markers go."""
-    return storage.join(out, "_work", STAGE)
-
-
-def plan(karpathy_uri: str, dataset: str, out: str, num_shards: int = 1) -> list[dict]:
-    """Validate the split file and plan shards over its entry indices."""
-    entries = karpathy.load(karpathy_uri, dataset)
-    return shards.plan(range(len(entries)), num_shards, work_dir(out))
-
-
-def extract(spec: dict, karpathy_uri: str, dataset: str, test1k_ids: str = "") -> dict:
-    """Write one shard's parts: ``{split}.jsonl`` per Karpathy split (+ ``test1k.jsonl``)."""
-    ids = set(karpathy.read_ids(test1k_ids)) if test1k_ids else None
-    if ids is not None and dataset != "coco":
+def plan(out: str, settings: Settings, *, num_shards: int = 1, split: str = "balanced") -> list[dict]:
+    """Validate the split file (and the test1k ids) and plan shards over its entry indices."""
+    if settings.dataset not in OUTPUTS:
+        raise VlprepError(f"dataset {settings.dataset!r}: use one of {', '.join(OUTPUTS)}")
+    if settings.test1k_ids and settings.dataset != "coco":
         raise VlprepError("--test1k-ids is a COCO option (VOLTA's test1k_ids.txt); drop it for flickr30k")
+    entries = karpathy.load(settings.karpathy, settings.dataset)
+    if settings.test1k_ids:
+        karpathy.read_ids(settings.test1k_ids)
+    work = STAGE.start(out, settings)
+    return work.plan(range(len(entries)), num_shards=num_shards, split=split)
 
-    def work(shard: shards.Shard) -> dict:
-        entries = karpathy.load(karpathy_uri, dataset)
+
+def extract(spec: dict, runtime: stage.Runtime | None = None) -> dict:
+    """Write one shard's parts: ``{split}.jsonl`` per Karpathy split (+ ``test1k.jsonl``)."""
+
+    def work(shard, work: stage.Work) -> dict:
+        settings = work.settings()
+        entries = karpathy.load(settings.karpathy, settings.dataset)
+        ids = set(karpathy.read_ids(settings.test1k_ids)) if settings.test1k_ids else None
         parts = {s: [] for s in karpathy.SPLITS}
         if ids is not None:
             parts[TEST1K] = []
         for i in shard.items:
             e = entries[int(i)]
-            parts[e.split].append(line(e, dataset))
+            parts[e.split].append(line(e, settings.dataset))
             if ids is not None and e.cocoid in ids:
-                parts[TEST1K].append(line(e, dataset))
+                parts[TEST1K].append(line(e, settings.dataset))
         for name, lines in parts.items():
-            storage.write_text(shard.part(f"{name}.jsonl"), "".join(lines))
+            shard.write_part(f"{name}.jsonl", "".join(lines).encode("utf-8"))
         return {"parts": [f"{n}.jsonl" for n in parts], "failed": [], "lines": {n: len(v) for n, v in parts.items()}}
 
-    params = {"karpathy": karpathy_uri, "dataset": dataset, "test1k_ids": test1k_ids}
-    return shards.run_shard(spec, work, STAGE, params)
+    return STAGE.run_shard(spec, work)
 
 
-def merge(dataset: str, out: str, test1k_ids: str = "") -> dict:
+def merge(out: str) -> dict:
     """Concatenate the verified shard parts into the annotation files under ``out``."""
-    plan_uri = storage.join(work_dir(out), "plan.json")
-    done = shards.collect(plan_uri)
-    outputs = dict(OUTPUTS[dataset])
-    if test1k_ids:
+    work = STAGE.open(out)
+    settings = work.settings()
+    done = work.collect()
+    outputs = dict(OUTPUTS[settings.dataset])
+    if settings.test1k_ids:
         outputs["test1k_ann.jsonl"] = [TEST1K]
-        if any(f"{TEST1K}.jsonl" not in {p["name"] for p in m["parts"]} for _, m in done):
-            raise VlprepError(f"{plan_uri}: shards were extracted without --test1k-ids; rerun them with it")
     counts = {}
     for name, splits in outputs.items():
         n = 0
@@ -92,15 +101,24 @@ def merge(dataset: str, out: str, test1k_ids: str = "") -> dict:
                             f.write(row)
                             n += 1
         counts[name] = n
-    if test1k_ids:
-        wanted = len(set(karpathy.read_ids(test1k_ids)))
+    if settings.test1k_ids:
+        wanted = len(set(karpathy.read_ids(settings.test1k_ids)))
         counts["test1k_missing_ids"] = wanted - counts["test1k_ann.jsonl"]
-    return {"stage": STAGE, "dataset": dataset, "out": out, "files": counts, "shards": len(done)}
+    return {"stage": STAGE.name, "dataset": settings.dataset, "out": out, "files": counts, "shards": len(done)}
 
 
-def run(karpathy_uri: str, dataset: str, out: str, test1k_ids: str = "", num_shards: int = 1) -> dict:
-    """The whole stage in one process: plan, every shard (done ones skipped), merge."""
-    specs = plan(karpathy_uri, dataset, out, num_shards)
-    for spec in specs:
-        extract(spec, karpathy_uri, dataset, test1k_ids)
-    return merge(dataset, out, test1k_ids)
+def steps(out: str, settings: Settings, *, num_shards: int = 1, split: str = "balanced",
+          runtime: stage.Runtime | None = None) -> list[stage.Step]:
+    """The pipeline's steps, in its order (``vlprep_pipelines.captions``)."""
+    return [
+        stage.Step("plan", lambda: plan(out, settings, num_shards=num_shards, split=split)),
+        stage.Step("extract", lambda spec: extract(spec, runtime), over="plan"),
+        stage.Step("merge", lambda: merge(out)),
+    ]
+
+
+def run(out: str, settings: Settings, *, num_shards: int = 1, split: str = "balanced",
+        runtime: stage.Runtime | None = None) -> dict:
+    """The whole stage in this process: plan, every shard (done ones skipped), merge."""
+    results = stage.run_local(STAGE.name, steps(out, settings, num_shards=num_shards, split=split, runtime=runtime))
+    return {**results["merge"], "skipped_shards": stage.skipped(results["extract"])}

@@ -121,6 +121,7 @@ class Recipe:
     min_size: int = 600  # shortest-edge resize
     max_size: int = 1000  # long-side cap
     exif: bool = True
+    skip_short: bool = False  # upstream skips (and lists) an image with fewer boxes than box_range's minimum
     uses_given_boxes: ClassVar[bool] = False
 
     @property
@@ -281,7 +282,8 @@ RECIPES: dict[str, Recipe] = {
         NotebookRecipe(name="d2-nb36", prefix="nb36_"),
         MaxNMSRecipe(name="d2-maxnms36", prefix="maxnms36_"),
         MaxNMSRecipe(
-            name="d2-maxnms36-volta", prefix="maxnms36_", nms_start=0.5, min_size=800, max_size=1333
+            name="d2-maxnms36-volta", prefix="maxnms36_", nms_start=0.5, min_size=800, max_size=1333,
+            skip_short=True,
         ),
         GivenBoxesRecipe(name="given-boxes", prefix="grid_"),
     )

@@ -1,9 +1,33 @@
-"""Run reports: Markdown and HTML that the KFP UI renders (and that a local run writes to disk)."""
+"""The report toolkit: HTML page and table (everything escaped here), inline PNGs, boxes, Markdown table."""
 
 from __future__ import annotations
 
 import html
-import json
+
+
+def escape(value) -> str:
+    return html.escape(str(value))
+
+
+def table(rows: list[dict], style: str = "") -> str:
+    """An HTML table of dicts (the first row's keys are the columns); every cell is escaped."""
+    if not rows:
+        return "<p>(none)</p>"
+    cols = list(rows[0])
+    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{escape(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    attrs = f" style='{style}'" if style else ""
+    return f"<table{attrs}><tr>{head}</tr>{body}</table>"
+
+
+def page(title: str, body: str) -> str:
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}figure{display:inline-block;margin:4px}</style>"
+        f"</head><body><h1>{escape(title)}</h1>{body}</body></html>"
+    )
 
 
 def md_table(rows: list[dict]) -> str:
@@ -13,34 +37,6 @@ def md_table(rows: list[dict]) -> str:
     out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
     out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(out) + "\n"
-
-
-def captions_markdown(summary: dict) -> str:
-    rows = [{"file": k, "images": v} for k, v in summary["files"].items() if k.endswith(".jsonl")]
-    text = f"# Caption annotations ({summary['dataset']})\n\nWritten to `{summary['out']}` from {summary['shards']} shard(s).\n\n"
-    text += md_table(rows)
-    missing = summary["files"].get("test1k_missing_ids")
-    if missing:
-        text += f"\n**{missing} id(s) of the test1k list are not in the Karpathy file.**\n"
-    return text
-
-
-def html_page(title: str, body: str) -> str:
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}figure{display:inline-block;margin:4px}</style>"
-        f"</head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
-    )
-
-
-def run_markdown(run: dict) -> str:
-    """The report of a whole local run: where every output is."""
-    lines = [f"# vlprep run `{run['run_name']}`", "", f"pipeline: `{run['pipeline']}`", ""]
-    lines += ["## Outputs", ""] + [f"- `{p}`" for p in run.get("outputs", [])]
-    lines += ["", "## Parameters", "", "```json", json.dumps(run["params"], indent=1), "```", ""]
-    return "\n".join(lines)
 
 
 def png_data_uri(rgb) -> str:
@@ -54,6 +50,11 @@ def png_data_uri(rgb) -> str:
     buf = io.BytesIO()
     im.save(buf, "PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def figure(im, caption: str) -> str:
+    """An inline image with an (escaped) caption."""
+    return f"<figure><img src='{png_data_uri(im)}'><figcaption>{escape(caption)}</figcaption></figure>"
 
 
 def draw_boxes(rgb, boxes, labels, max_side: int = 480):

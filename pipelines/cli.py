@@ -1,32 +1,23 @@
-"""``vlprep``: run one stage directly, or a whole pipeline locally / on a Kubeflow cluster.
+"""``vlprep run | compile | submit``: the pipeline commands (they need kfp; the workflow commands do not).
 
-    vlprep captions --karpathy FILE --dataset coco --out DIR_OR_URI [--test1k-ids FILE] [--shards N]
-    vlprep run PIPELINE --local [--config FILE] [--param k=v ...] [--run-name N]
+    vlprep run PIPELINE --local [--config FILE] [--param k=v ...] [--run-name N] [--runs-dir DIR]
     vlprep compile [PIPELINE ...] [--out pipelines/compiled]
     vlprep submit PIPELINE --host URL [--experiment E] [--run-name N] [--param k=v ...]
 
-The stage commands never import kfp; run/compile/submit load the pipelines (which do).
+``vlprep.cli.main`` hands these commands here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 from vlprep import VlprepError, shards, storage
-
-log = logging.getLogger("vlprep")
-
-
-def sample_dir() -> str:
-    """The bundled sample dataset (the embedded default)."""
-    return str(resources.files("vlprep") / "sample")
+from vlprep.sample import sample_dir
 
 
 def _params(args) -> dict:
@@ -74,21 +65,24 @@ def cmd_run(args) -> int:
         raise VlprepError("`vlprep run` runs on this machine: add --local (use `vlprep submit` for a cluster)")
     from vlprep_pipelines import engine
 
-    run_name = args.run_name or f"{args.pipeline}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from vlprep.reports.run import run_markdown
+
+    name = engine.canonical(args.pipeline)
+    run_name = args.run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.runs_dir, run_name).resolve()
-    params = {**_defaults(args.pipeline, run_dir), **_params(args)}
+    params = {**_defaults(name, run_dir), **_params(args)}
     record = {
         "run_name": run_name,
-        "pipeline": args.pipeline,
+        "pipeline": name,
         "engine": "kfp.local.SubprocessRunner",
         "params": params,
         "versions": shards.versions(),
         "git_commit": _git_commit(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    print(f"vlprep: running pipeline {args.pipeline!r} locally as {run_name} -> {run_dir}", flush=True)
+    print(f"vlprep: running pipeline {name!r} locally as {run_name} -> {run_dir}", flush=True)
     t0 = time.time()
-    engine.run_local(args.pipeline, params, run_dir / "_kfp")
+    engine.run_local(name, params, run_dir / "_kfp")
     record["seconds"] = round(time.time() - t0, 1)
     record["outputs"] = [
         p for p in storage.list_prefix(str(run_dir))
@@ -96,9 +90,7 @@ def cmd_run(args) -> int:
     ]
     record["kfp_artifacts"] = [p for p in storage.list_prefix(str(run_dir / "_kfp")) if "executor_output" not in p]
     storage.write_text(str(run_dir / "run.json"), json.dumps(record, indent=1, ensure_ascii=False))
-    from vlprep import report
-
-    storage.write_text(str(run_dir / "report.md"), report.run_markdown(record))
+    storage.write_text(str(run_dir / "report.md"), run_markdown(record))
     print(f"\nvlprep: run {run_name} finished in {record['seconds']} s. Outputs:")
     for p in record["outputs"]:
         print(f"  {p}")
@@ -112,7 +104,7 @@ def cmd_run(args) -> int:
 def cmd_compile(args) -> int:
     from vlprep_pipelines import engine
 
-    names = args.pipelines or sorted(engine.pipelines())
+    names = [engine.canonical(n) for n in args.pipelines] or sorted(engine.pipelines())
     for name in names:
         print(engine.compile_pipeline(name, Path(args.out, f"{name}.yaml")))
     return 0
@@ -121,38 +113,14 @@ def cmd_compile(args) -> int:
 def cmd_submit(args) -> int:
     from vlprep_pipelines import engine
 
-    run_id = engine.submit(args.pipeline, args.host, _params(args), experiment=args.experiment,
+    run_id = engine.submit(engine.canonical(args.pipeline), args.host, _params(args), experiment=args.experiment,
                            run_name=args.run_name, pipeline_root=args.pipeline_root)
     print(f"submitted {args.pipeline} to {args.host}: run {run_id}")
     return 0
 
 
-def cmd_captions(args) -> int:
-    from vlprep.stages import captions
-
-    summary = captions.run(args.karpathy, args.dataset, args.out, args.test1k_ids or "", args.shards)
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
-def cmd_regions(args) -> int:
-    from vlprep.stages import regions
-
-    if args.action == "extract":
-        summary = regions.run(args.images, args.out, args.dataset, args.recipe, args.weights, args.shards,
-                              args.format, args.device, args.batch_size, args.workers, args.arch, args.image_root,
-                              json.loads(args.recipe_params), build_lmdb=args.lmdb, annotations=args.annotations or "")
-        print(f"report: {storage.join(args.out, 'report.html')}")
-    elif args.action == "lmdb":
-        summary = regions.lmdb(args.out, args.dataset)
-    else:
-        summary = regions.hard_negatives(args.out, args.annotations, args.dataset)
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlprep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vlprep", description="vlprep pipelines: run locally, compile, submit")
     sub = p.add_subparsers(dest="command", required=True)
 
     def pipeline_params(s):
@@ -179,51 +147,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pipeline-root", help="e.g. gs://BUCKET/kfp-root (default: the cluster's)")
     pipeline_params(s)
     s.set_defaults(func=cmd_submit)
-
-    s = sub.add_parser("captions", help="VOLTA caption annotations (jsonl) from a Karpathy split file")
-    s.add_argument("--karpathy", required=True, help="dataset_coco.json / dataset_flickr30k.json (path or gs://)")
-    s.add_argument("--dataset", required=True, choices=["coco", "flickr30k"])
-    s.add_argument("--out", required=True, help="output directory or gs:// prefix")
-    s.add_argument("--test1k-ids", help="COCO: file of image ids for test1k_ann.jsonl")
-    s.add_argument("--shards", type=int, default=1)
-    s.set_defaults(func=cmd_captions)
-
-    s = sub.add_parser("regions", help="bottom-up-attention region features (VOLTA / LXMERT)")
-    s.add_argument("action", choices=["extract", "lmdb", "hard-negatives"],
-                   help="extract: detect, merge TSVs (+ LMDB); lmdb / hard-negatives: rebuild those from merged TSVs")
-    s.add_argument("--out", required=True, help="output directory or gs:// prefix")
-    s.add_argument("--images", help="image folder / gs:// prefix, list file (.txt) or Karpathy file (.json)")
-    s.add_argument("--image-root", default="", help="with a Karpathy file: the folder holding filepath/filename")
-    s.add_argument("--dataset", default="coco", choices=["coco", "flickr30k"])
-    s.add_argument("--recipe", default="caffe36",
-                   help="caffe10-100 | caffe36 | d2-nb36 | d2-maxnms36 | d2-maxnms36-volta | given-boxes")
-    s.add_argument("--recipe-params", default="{}", help='JSON overrides, e.g. \'{"nms_start": 0.5}\'')
-    s.add_argument("--weights", default="random:0", help="URL, gs://, local path or random:<seed> (offline demo)")
-    s.add_argument("--format", default="volta-tsv,lxmert-tsv", help="comma list of volta-tsv, lxmert-tsv, h5")
-    s.add_argument("--device", default="cpu", help="cpu or cuda")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--workers", type=int, default=2, help="DataLoader decode workers")
-    s.add_argument("--shards", type=int, default=1)
-    s.add_argument("--arch", default="full", choices=["full", "tiny"], help="tiny: a small test configuration")
-    s.add_argument("--no-lmdb", dest="lmdb", action="store_false", help="skip the LMDB build")
-    s.add_argument("--annotations", help="caption annotations folder (train_ann.jsonl) for hard_negative.pkl")
-    s.set_defaults(func=cmd_regions)
-
-    from vlprep.stages import context
-
-    context.add_cli(sub)  # vlprep ctx phrases | run
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except VlprepError as e:
         print(f"vlprep: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

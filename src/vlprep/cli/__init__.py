@@ -1,0 +1,52 @@
+"""``vlprep``: run one workflow's stage directly, or a whole pipeline locally / on a Kubeflow cluster.
+
+    vlprep captions --karpathy FILE --dataset coco --out DIR_OR_URI [--test1k-ids FILE] [--shards N]
+    vlprep regions extract|lmdb|hard-negatives ...
+    vlprep context phrases|run ...          (``ctx`` is an alias)
+    vlprep run PIPELINE --local [--config FILE] [--param k=v ...] [--run-name N]
+    vlprep compile [PIPELINE ...] [--out pipelines/compiled]
+    vlprep submit PIPELINE --host URL [--experiment E] [--run-name N] [--param k=v ...]
+
+The workflow commands never import kfp: run / compile / submit live in the pipelines package
+(``vlprep_pipelines.cli``), loaded only when one of them is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from vlprep import VlprepError
+from vlprep.cli import captions, context, regions
+
+PIPELINE_COMMANDS = {
+    "run": "run a pipeline on this machine (kfp.local)",
+    "compile": "compile pipelines to KFP IR YAML",
+    "submit": "submit a pipeline run to a KFP cluster",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlprep", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in PIPELINE_COMMANDS.items():  # listed for --help; main() hands them to vlprep_pipelines
+        sub.add_parser(name, help=text, add_help=False)
+    for workflow in (captions, regions, context):
+        workflow.add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if argv and argv[0] in PIPELINE_COMMANDS:
+        from vlprep_pipelines.cli import main as pipelines_main
+
+        return pipelines_main(argv)
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VlprepError as e:
+        print(f"vlprep: error: {e}", file=sys.stderr)
+        return 2

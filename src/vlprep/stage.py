@@ -1,0 +1,201 @@
+"""One shape for every fanned-out stage: settings, work directory, plans, shards, and the local driver.
+
+A stage module (``vlprep.stages.<name>``) provides
+
+- ``Settings``: a frozen dataclass deriving from :class:`Settings`: everything that decides its
+  outputs (inputs, weights, recipe, parameters), given by name. ``SHARD_FIELDS`` names the fields
+  its shards depend on (default: all), so a rerun that changes only a merge-time field (say the
+  output formats) reuses the shards while one with other weights redoes them.
+- ``STAGE = Stage("<name>", Settings)``;
+- ``plan(out, settings, *, num_shards, split)``: ``work = STAGE.start(out, settings)`` writes
+  ``_work/<name>/settings.json``, then ``work.plan(items, ...)`` returns the shard specs;
+- per-shard steps ``extract(spec, runtime)``: ``STAGE.run_shard(spec, fn)`` runs ``fn(shard, work)``
+  unless the shard is done (its marker carries the settings fingerprint);
+- ``merge(out)``: ``work = STAGE.open(out)`` (settings read back), ``work.collect()``, render the
+  formats users read;
+- ``steps(out, settings, *, runtime, num_shards, split)``: the :class:`Step` list in the pipeline's
+  order; ``run`` = ``run_local(steps(...))``. The CLI and tests run a stage this way, KFP runs the
+  same functions as components, so both produce the same files.
+
+Layout under ``out``: ``_work/<stage>/settings.json``, ``_work/<stage>[/<step>]/plan.json``,
+shard parts and done-markers beside their plan (``vlprep.shards``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from vlprep import VlprepError, shards, storage
+
+log = logging.getLogger("vlprep.stage")
+
+
+class Settings:
+    """Mixin for a stage's frozen settings dataclass (written at plan time, read by every later step)."""
+
+    SHARD_FIELDS: ClassVar[tuple[str, ...]] = ()  # fields the shards depend on; () = all
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict):
+        """Back from JSON: lists become tuples again where the field is a tuple; unknown keys refuse."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(doc) - set(names))
+        if unknown:
+            raise VlprepError(f"{cls.__module__}.Settings: unknown setting(s) {unknown}; rerun the plan step")
+        values = {k: tuple(v) if isinstance(v, list) and str(names[k].type).startswith("tuple") else v
+                  for k, v in doc.items()}
+        return cls(**values)
+
+    def fingerprint(self, *fields: str) -> str:
+        """sha256 (16 hex) of the named fields (default ``SHARD_FIELDS``, or all when that is empty)."""
+        fields = fields or self.SHARD_FIELDS
+        doc = {f: getattr(self, f) for f in fields} if fields else self.to_dict()
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a step runs (not what it computes): outputs do not depend on these."""
+
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    batch_size: int = 8
+    num_workers: int = 2  # DataLoader decode processes
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device in ("", "auto", None):
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise VlprepError(f"device {self.device!r}: no CUDA GPU visible to torch; use 'cpu' or 'auto'")
+        return self.device
+
+
+@dataclass(frozen=True)
+class Work:
+    """A stage's work directory under one ``out``."""
+
+    stage: Stage
+    out: str
+
+    @property
+    def root(self) -> str:
+        return storage.join(self.out, "_work", self.stage.name)
+
+    def uri(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    def plan_uri(self, step: str = "") -> str:
+        return self.uri(step, "plan.json") if step else self.uri("plan.json")
+
+    @property
+    def settings_uri(self) -> str:
+        return self.uri("settings.json")
+
+    def settings(self):
+        """The settings written at plan time."""
+        try:
+            doc = json.loads(storage.read_text(self.settings_uri))
+        except FileNotFoundError:
+            raise VlprepError(f"{self.settings_uri}: settings missing; run the plan step first") from None
+        return self.stage.settings.from_dict(doc)
+
+    def plan(self, items: Sequence, *, num_shards: int = 1, split: str = "balanced", step: str = "",
+             fingerprint: str | None = None, sort: bool = True) -> list[dict]:
+        """Shard specs over ``items``; the marker fingerprint defaults to the settings' shard fingerprint."""
+        if fingerprint is None:
+            fingerprint = self.settings().fingerprint()
+        specs = shards.plan(items, int(num_shards), self.uri(step) if step else self.root, split=split,
+                            sort=sort, fingerprint=fingerprint)
+        return [{**s, "out": self.out} for s in specs]
+
+    def collect(self, step: str = "") -> list[tuple[shards.Shard, dict]]:
+        return shards.collect(self.plan_uri(step))
+
+    def plan_doc(self, step: str = "") -> dict:
+        return shards.plan_doc(self.plan_uri(step))
+
+
+class Stage:
+    """A stage's name and settings class; the entry to its work directory."""
+
+    def __init__(self, name: str, settings: type):
+        self.name, self.settings = name, settings
+
+    def start(self, out: str, settings: Settings) -> Work:
+        """Record ``settings`` for the steps that follow (the plan step does this first)."""
+        work = Work(self, str(out))
+        storage.write_text(work.settings_uri, json.dumps(settings.to_dict(), indent=1, sort_keys=True))
+        return work
+
+    def open(self, out: str) -> Work:
+        return Work(self, str(out))
+
+    def of(self, spec: dict) -> Work:
+        """The work directory a shard spec belongs to."""
+        try:
+            return Work(self, spec["out"])
+        except KeyError:
+            raise VlprepError(f"shard spec {spec}: no 'out'; make it with the {self.name} plan step") from None
+
+    def run_shard(self, spec: dict, fn: Callable[[shards.Shard, Work], dict], step: str = "",
+                  params: dict | None = None) -> dict:
+        """``fn(shard, work)`` unless the shard's verified marker says it is done (see ``vlprep.shards``)."""
+        work = self.of(spec)
+        name = f"{self.name}/{step}" if step else self.name
+        return shards.run_shard(spec, lambda shard: fn(shard, work), name, params)
+
+
+# ---------------------------------------------------------------- one process, the pipeline's order
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a stage as the pipeline runs it: ``name`` is the stage function (and component)
+    name; ``call()`` runs it, or ``call(spec)`` for each spec of the plan step ``over``."""
+
+    name: str
+    call: Callable[..., Any]
+    over: str = ""
+
+
+def run_local(stage: str, steps: Sequence[Step]) -> dict[str, Any]:
+    """Run the steps in order in this process; returns each step's result (a list for fanned-out ones)."""
+    results: dict[str, Any] = {}
+    for step in steps:
+        if step.over:
+            specs = results[step.over]
+            results[step.name] = []
+            for spec in specs:
+                marker = step.call(spec)
+                results[step.name].append(marker)
+                log.info("%s %s: shard %d/%d %s", stage, step.name, int(spec["index"]) + 1, len(specs),
+                         "already done" if marker.get("skipped") else "done")
+        else:
+            results[step.name] = step.call()
+    return results
+
+
+def skipped(markers: Sequence[dict]) -> int:
+    """How many of a fan-out's shards were already done."""
+    return sum(1 for m in markers if m.get("skipped"))
+
+
+_MODELS: dict = {}
+
+
+def cached_model(key: tuple, load: Callable[[], Any]):
+    """One model kept per process (a local run loads it once for all shards); ``key`` says what it is."""
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load()
+    return _MODELS[key]

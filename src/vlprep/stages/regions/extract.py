@@ -1,0 +1,109 @@
+"""Plan the images, and extract one shard: detector results as format-neutral parts.
+
+A shard's parts: ``images.jsonl`` (one line per kept image, in item order: its URI and the result's
+scalars: ``num_boxes``, ``image_h``, ``image_w``, ...) and one ``{key}.npy`` per per-box array of the
+detector result (``boxes``, ``features``, ``cls_prob``, ...), the images' rows concatenated. The merge
+renders the formats users read from them (``render.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from vlprep import stage
+from vlprep.data import images as imgs
+from vlprep.data.loader import ImageDataset, image_loader
+from vlprep.stages.regions.settings import STAGE, Settings, box_range
+
+log = logging.getLogger("vlprep.regions")
+
+IMAGES_PART = "images.jsonl"
+
+
+def plan(out: str, settings: Settings, *, num_shards: int = 1, split: str = "balanced") -> list[dict]:
+    """Sorted image list (a COCO root with split folders, a Flickr30k folder, a list file or a Karpathy
+    file) split into shards; the settings are recorded for every later step."""
+    items = imgs.list_images(settings.check().images, settings.image_root)
+    return STAGE.start(out, settings).plan(items, num_shards=num_shards, split=split)
+
+
+def detector_for(settings: Settings, runtime: stage.Runtime):
+    """The detector the settings name, on the runtime's device (one kept per process)."""
+    device = runtime.resolved_device()
+
+    def load():
+        from vlprep.models.detection import butd
+
+        cfg = butd.BUTDConfig.tiny() if settings.arch == "tiny" else butd.BUTDConfig()
+        return butd.load_detector(settings.weights, config=cfg, device=device, autocast_dtype=settings.autocast or None,
+                                  channels_last=device.startswith("cuda"))
+
+    return stage.cached_model(("butd", settings.weights, settings.arch, settings.autocast, device), load)
+
+
+def extract(spec: dict, runtime: stage.Runtime | None = None) -> dict:
+    """Extract one shard (skipped when its marker verifies): parts, then the done-marker."""
+    runtime = runtime or stage.Runtime()
+
+    def work(shard, work: stage.Work) -> dict:
+        settings = work.settings()
+        model = detector_for(settings, runtime)
+        t0 = time.time()  # images/s in the report: loading the model is not counted
+        found = _detect(shard, model, settings, runtime)
+        names = write_results(shard, found["results"])
+        return {"parts": names, "failed": found["failed"], "notes": found["notes"],
+                "images": len(found["results"]), "extract_seconds": round(time.time() - t0, 3),
+                "model_seconds": round(found["model_seconds"], 3), "random_weights": found["random_weights"]}
+
+    params = {"device": runtime.device, "batch_size": runtime.batch_size, "num_workers": runtime.num_workers}
+    return STAGE.run_shard(spec, work, params=params)
+
+
+def _detect(shard, model, settings: Settings, runtime: stage.Runtime) -> dict:
+    """``results`` [(uri, detector result)] in item order, ``failed``, ``notes``, model time."""
+    recipe = settings.recipe_object()
+    lo, _ = box_range(settings)
+    results, failed, notes, t_model, t0 = [], [], [], 0.0, time.time()
+    prefetch = max(runtime.batch_size * 4, 1)  # room to bucket by size
+    images = ImageDataset(shard.items, exif=recipe.exif)
+    for batch in image_loader(shard.items, batch_size=prefetch, num_workers=runtime.num_workers, dataset=images):
+        for i, err in batch.failed:
+            failed.append({"item": shard.items[i], "error": err})
+            log.warning("skipped %s: %s", shard.items[i], err)
+        notes += [{"item": shard.items[i], "note": note} for i, note, _ in batch.ok if note]
+        tm = time.time()
+        out = model.extract(batch.values, recipe, batch_size=runtime.batch_size) if batch.ok else []
+        t_model += time.time() - tm
+        for (i, _, _), r in zip(batch.ok, out, strict=True):
+            if r["num_boxes"] < lo and recipe.skip_short:
+                failed.append({"item": shard.items[i], "error": f"only {r['num_boxes']} boxes (VOLTA skips these)"})
+            else:
+                results.append((shard.items[i], r))
+        done = len(results) + len(failed)
+        log.info("%s: %d/%d images (%.2f img/s, %d failed)", shard.tag, done, len(shard.items),
+                 done / max(time.time() - t0, 1e-9), len(failed))
+    return {"results": results, "failed": failed, "notes": notes, "model_seconds": t_model,
+            "random_weights": bool(getattr(model, "is_random", False))}
+
+
+def _is_per_box(value, n: int) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim >= 1 and len(value) == n
+
+
+def write_results(shard, results: list[tuple[str, dict]]) -> list[str]:
+    """``images.jsonl`` + one ``.npy`` per per-box array key (rows of all images, in order)."""
+    rows, arrays = [], {}
+    for uri, r in results:
+        n = r["num_boxes"]
+        scalars = {k: v for k, v in r.items() if not _is_per_box(v, n)}
+        rows.append({"uri": uri, **{k: v.item() if isinstance(v, np.generic) else v for k, v in scalars.items()}})
+        for k, v in r.items():
+            if _is_per_box(v, n):
+                arrays.setdefault(k, []).append(v)
+    shard.write_jsonl(IMAGES_PART, rows)
+    for k, chunks in sorted(arrays.items()):
+        shard.save_array(f"{k}.npy", np.concatenate(chunks))
+    return [IMAGES_PART] + [f"{k}.npy" for k in sorted(arrays)]
