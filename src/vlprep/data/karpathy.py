@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 
 from vlprep import VlprepError, storage
+from vlprep.data.ids import DATASETS
 
-DATASETS = ("coco", "flickr30k")
 SPLITS = ("train", "restval", "val", "test")
 
 

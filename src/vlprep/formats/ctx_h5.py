@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from vlprep import VlprepError, storage
+from vlprep.data.ids import entry_name, key_order
 
 XC = "xmodal-ctx"
 HV = "haav"
@@ -61,25 +62,14 @@ class Retrieved:
     texts: Sequence
 
 
-def entry_name(image_id: int | str) -> str:
-    """The HDF5 name of an image: the decimal id, no padding, for an int or a string of ASCII digits
-    (``"000042"`` -> ``"42"``); any other string (a non-COCO file stem, the context stage's fallback)
-    is used as it is."""
-    if isinstance(image_id, str) and not (image_id.isascii() and image_id.isdigit()):
-        if not image_id or "/" in image_id or image_id in (".", ".."):
-            raise VlprepError(f"{image_id!r} cannot name an HDF5 entry")
-        return image_id
-    return str(int(image_id))
-
-
 def _key(name: str) -> int | str:
     """An entry name back as an image id: int for decimal names, else the name."""
     return int(name) if name.isascii() and name.isdigit() else name
 
 
 def _order(name: str) -> tuple:
-    """Numeric ids by value first, then other names by code point."""
-    return (0, int(name), "") if name.isascii() and name.isdigit() else (1, 0, name)
+    """Numeric ids by value first, then other names by code point (``vlprep.data.ids.key_order``)."""
+    return key_order(_key(name))
 
 
 class _H5Writer:

@@ -34,27 +34,13 @@ import lmdb
 import numpy as np
 
 from vlprep import VlprepError, safe_pickle, storage
+from vlprep.data.ids import lmdb_key  # noqa: F401 (re-exported: part of this module's API)
 from vlprep.formats.volta_tsv import LXMERT_FIELDS, VOLTA_FIELDS, iter_rows, set_field_size_limit
 
 MAP_SIZE = 1 << 40  # 1 TiB, as upstream; address space only (writemap off)
 KEYS_KEY = b"keys"
-DATASETS = ("coco", "flickr30k")
 NUM_LOCS = (4, 5, 7)
 GLOBAL_FEATURE = (None, "first", "last")
-
-
-def lmdb_key(img_id, dataset: str) -> bytes:
-    """Upstream key rule: COCO ``str(int(img_id.split("_")[-1]))``, Flickr ``str(img_id)``."""
-    if dataset == "coco":
-        try:
-            return str(int(str(img_id).split("_")[-1])).encode()
-        except ValueError:
-            raise VlprepError(
-                f"COCO image id {img_id!r} does not end in _<number>; is this a COCO TSV?"
-            ) from None
-    if dataset == "flickr30k":
-        return str(img_id).encode()
-    raise VlprepError(f"unknown dataset {dataset!r} for the LMDB key rule; use one of {', '.join(DATASETS)}")
 
 
 # --- pickles --------------------------------------------------------------------------------------
