@@ -24,9 +24,8 @@ REPORT_SAMPLES = 6
 
 def records(done, mapped: parts.Mapped, dataset: str) -> Iterator[tuple[int, str, str, dict]]:
     """``(shard index, split, uri, record)`` of every extracted image, shard by shard, in item order;
-    ``record`` is the TSV writer's (``volta_tsv.volta_record``). Arrays are memory-mapped part views."""
-    from vlprep.formats.volta_tsv import volta_record
-
+    ``record`` is the detector's format-neutral result with ``img_id``, ``img_h``, ``img_w`` added (the TSV
+    takes it through ``volta_tsv.volta_record``). Arrays are memory-mapped part views."""
     for shard, marker in done:
         names = [p["name"] for p in marker["parts"]]
         rows = parts.read_jsonl(shard.part(IMAGES_PART))
@@ -37,7 +36,9 @@ def records(done, mapped: parts.Mapped, dataset: str) -> Iterator[tuple[int, str
             result = {k: v for k, v in row.items() if k != "uri"}
             result.update({k: a[offset:offset + n] for k, a in arrays.items()})
             offset += n
-            yield shard.index, ids.split_of(uri), uri, volta_record(result, ids.volta_id(uri, dataset))
+            img_id = ids.volta_id(uri, dataset)
+            yield shard.index, ids.split_of(uri), uri, {**result, "img_id": img_id, "img_h": result["image_h"],
+                                                        "img_w": result["image_w"]}
 
 
 def _by_split(items: list) -> dict[str, list]:
@@ -72,7 +73,7 @@ def _write_tsvs(out: str, name: str, items: list, wanted: list[str], dup: dict) 
             stack.enter_context(volta_tsv.atomic_text(storage.join(out, folder, name))), fields)
             for folder, fields in chosen.values()}
         for record in _first_of_each_id(items, dup):
-            row = volta_tsv.encode_record(record)
+            row = volta_tsv.encode_record(volta_tsv.volta_record(record, record["img_id"]))
             for w in writers.values():
                 w.write_row(row)
     return {uri: w.count for uri, w in writers.items()}
