@@ -401,6 +401,17 @@ def test_an_unavailable_store_ends_in_one_clear_error_within_the_deadline(store,
     assert elapsed < 90, elapsed  # a bound, not a benchmark: before, such failures took 97-223 s
 
 
+@REMOTE
+def test_refused_access_is_one_clear_line_saying_what_to_grant(store, monkeypatch):
+    with _answering_server(403, "AccessDenied") as port:
+        _point_at(store, f"http://127.0.0.1:{port}", monkeypatch)
+        with pytest.raises(VlprepError) as e:
+            storage.write_text(storage.join(store, "a.txt"), "x")
+    message = str(e.value)
+    assert message.count("\n") == 0 and message.startswith(storage.join(store, "a.txt"))
+    assert ("roles/storage.objectAdmin" if _scheme(store) == "gs" else "s3:PutObject") in message
+
+
 def test_s3_refused_credentials_are_one_clear_line(s3, monkeypatch):
     with _answering_server(403, "InvalidAccessKeyId") as port:
         _point_at(s3, f"http://127.0.0.1:{port}", monkeypatch)
