@@ -257,6 +257,8 @@ class _FlakyProxy:
         pump(client, upstream, self.upstream)
 
     def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread, which then ends
         self.sock.close()
 
 

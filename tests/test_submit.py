@@ -97,7 +97,7 @@ class _Api(BaseHTTPRequestHandler):
             state = states.pop(0) if len(states) > 1 else states[0]
             error = {"code": 9, "message": "task regions-extract failed: exit code 1"} if state == "FAILED" else None
             return self._reply({**run, "state": state, **({"error": error} if error else {})})
-        self._reply({"error": f"no route {url.path}"}, 404)
+        self._reply({"error": f"no route GET {self.path}"}, 404)
 
     def do_POST(self):
         url = urlparse(self.path)
@@ -134,7 +134,7 @@ class _Api(BaseHTTPRequestHandler):
             self.state.runs[run_id] = {"run_id": run_id, "display_name": body.get("display_name"),
                                        "experiment_id": body.get("experiment_id")}
             return self._reply(self.state.runs[run_id])
-        self._reply({"error": f"no route {url.path}"}, 404)
+        self._reply({"error": f"no route POST {self.path}"}, 404)
 
 
 @pytest.fixture

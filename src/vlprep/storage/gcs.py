@@ -1,8 +1,9 @@
 """``gs://`` through google-cloud-storage (``STORAGE_EMULATOR_HOST`` is honoured by the library itself).
 
 Writes are resumable uploads: an object exists only once its last chunk is finalized; an upload that fails
-is cancelled, so it never appears. Reads are ranged downloads pinned to the object's generation. Every call carries a retry policy bounded by the storage deadline and a
-per-request timeout (:mod:`.limits`), and the library's failures end in one :class:`VlprepError`.
+is cancelled, so it never appears. Reads are ranged downloads pinned to the object's generation. Every
+call carries a retry policy bounded by the storage deadline and a per-request timeout (:mod:`.limits`), and
+the library's failures end in one :class:`VlprepError`.
 """
 
 from __future__ import annotations

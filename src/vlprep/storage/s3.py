@@ -173,7 +173,7 @@ def _head(uri: str) -> dict | None:
 
 def _fetcher(uri: str, head: dict):
     """``fetch(start, n)`` for :mod:`.ranged`: ranged GETs of the version the read started with (its ETag),
-    each retried by botocore; a body cut off midway (which botocore does not retry) is fetched again."""
+    each retried as :func:`_call` does; a body cut off midway (which botocore does not retry) is fetched again."""
     from botocore import exceptions as bexc
 
     bucket, key = uris.split(uri)
