@@ -18,6 +18,7 @@ help:
 	@echo "make submit    PIPELINE=... KFP_HOST=... [RUN_ARGS='--param k=v']"
 	@echo "make bench     benchmarks (ratios against named baselines)"
 	@echo "make lint      ruff"
+	@echo "make upload    KFP_HOST=... [PIPELINES=...] [VERSION=...]: pipeline versions for the Kubeflow UI"
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -52,6 +53,11 @@ images:
 submit: setup
 	@test -n "$(KFP_HOST)" || { echo "set KFP_HOST=https://.../pipeline"; exit 1; }
 	VLPREP_IMAGE_REGISTRY=$(IMAGE_REGISTRY) VLPREP_IMAGE_TAG=$(TAG) $(BIN)/vlprep submit $(PIPELINE) --host $(KFP_HOST) $(RUN_ARGS)
+
+# every pipeline (or PIPELINES=...) as a version (VERSION=..., default the git commit) of its named pipeline
+upload: setup
+	@test -n "$(KFP_HOST)" || { echo "set KFP_HOST=https://.../pipeline"; exit 1; }
+	VLPREP_IMAGE_REGISTRY=$(IMAGE_REGISTRY) VLPREP_IMAGE_TAG=$(TAG) $(BIN)/vlprep upload $(PIPELINES) --host $(KFP_HOST) $(if $(VERSION),--version $(VERSION))
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -1,8 +1,11 @@
-"""``vlprep run | compile | submit``: the pipeline commands (they need kfp; the workflow commands do not).
+"""``vlprep run | compile | submit | upload``: the pipeline commands (they need kfp; the workflow commands
+do not).
 
     vlprep run PIPELINE --local [--config FILE] [--param k=v ...] [--run-name N] [--runs-dir DIR]
     vlprep compile [PIPELINE ...] [--out pipelines/compiled]
     vlprep submit PIPELINE --host URL [--experiment E] [--run-name N] [--param k=v ...]
+                  [--sample-store URI] [--wait [--timeout S] [--poll S]]
+    vlprep upload [PIPELINE ...] --host URL [--version REV]
 
 ``vlprep.cli.main`` hands these commands here.
 """
@@ -46,6 +49,19 @@ def _git_commit() -> str | None:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except Exception:
         return None
+
+
+def _git_version() -> str:
+    """The version name of what is checked out: the short commit, ``-dirty`` if tracked files changed."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        raise VlprepError("not in a git checkout: name the version with --version") from None
+    return commit + ("-dirty" if dirty else "")
 
 
 def _defaults(pipeline: str, run_dir: Path) -> dict:
@@ -110,17 +126,66 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _sample_params(pipeline: str, store: str) -> dict:
+    """Parameters that run ``pipeline`` on the bundled sample, copied to ``store``/sample (which the pods can
+    read), writing to ``store``/run: the local run's parameters, on the store."""
+    from vlprep_pipelines import LOCAL_PARAMS
+
+    if pipeline not in LOCAL_PARAMS:
+        raise VlprepError(f"--sample-store: {pipeline!r} has no parameters for the sample; "
+                          f"use one of {', '.join(sorted(LOCAL_PARAMS))}")
+    root, sample = Path(sample_dir()), storage.join(store, "sample")
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.suffix not in (".py", ".pyc"):
+            storage.upload_file(f, storage.join(sample, f.relative_to(root).as_posix()))
+    return LOCAL_PARAMS[pipeline](sample, storage.join(store, "run"))
+
+
 def cmd_submit(args) -> int:
     from vlprep_pipelines import engine
 
-    run_id = engine.submit(engine.canonical(args.pipeline), args.host, _params(args), experiment=args.experiment,
-                           run_name=args.run_name, pipeline_root=args.pipeline_root)
-    print(f"submitted {args.pipeline} to {args.host}: run {run_id}")
+    name = engine.canonical(args.pipeline)
+    params = {**(_sample_params(name, args.sample_store) if args.sample_store else {}), **_params(args)}
+    run_id = engine.submit(name, args.host, params, experiment=args.experiment, run_name=args.run_name,
+                           pipeline_root=args.pipeline_root)
+    print(f"submitted {args.pipeline} to {args.host}: run {run_id}\n{engine.run_url(args.host, run_id)}", flush=True)
+    if not args.wait:
+        return 0
+    state, error = engine.wait_for_run(args.host, run_id, timeout=args.timeout, poll=args.poll,
+                                       on_state=lambda state: print(f"run {run_id}: {state}", flush=True))
+    if state == "SUCCEEDED":
+        return 0
+    print(f"vlprep: error: run {run_id} ended {state}{': ' + error if error else ''}; see "
+          f"{engine.run_url(args.host, run_id)}", file=sys.stderr)
+    return 1
+
+
+def cmd_upload(args) -> int:
+    from vlprep_pipelines import engine
+
+    version = args.version or _git_version()
+    names = [engine.canonical(n) for n in args.pipelines] or sorted(engine.pipelines())
+    for name in names:
+        done = engine.upload(name, args.host, version)
+        print(f"{name}: version {version} {'uploaded' if done['created'] else 'was already there'}: "
+              f"{engine.pipeline_url(args.host, done['pipeline_id'], done['version_id'])}", flush=True)
+        if done["undescribed"]:
+            print(f"  note: parameters without a description in the UI: {', '.join(done['undescribed'])}")
     return 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a positive number of seconds")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlprep", description="vlprep pipelines: run locally, compile, submit")
+    p = argparse.ArgumentParser(prog="vlprep", description="vlprep pipelines: run locally, compile, submit, upload")
     sub = p.add_subparsers(dest="command", required=True)
 
     def pipeline_params(s):
@@ -145,8 +210,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://HOST/pipeline")
     s.add_argument("--experiment", default="vlprep")
     s.add_argument("--pipeline-root", help="e.g. gs://BUCKET/kfp-root (default: the cluster's)")
+    s.add_argument("--sample-store", metavar="URI",
+                   help="run on the bundled sample: copy it to URI/sample, write to URI/run (e.g. a CI smoke run)")
+    s.add_argument("--wait", action="store_true", help="follow the run; exit 1 unless it succeeds")
+    s.add_argument("--timeout", type=_seconds, default=6 * 3600.0, help="with --wait: give up after S s (6 h)")
+    s.add_argument("--poll", type=_seconds, default=15.0, help="with --wait: ask for the run's state every S s")
     pipeline_params(s)
     s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("upload", help="publish pipelines to the cluster's UI as versions of named pipelines")
+    s.add_argument("pipelines", nargs="*", help="default: every pipeline")
+    s.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://HOST/pipeline")
+    s.add_argument("--version", help="the version's name (default: the git commit, -dirty if changed)")
+    s.set_defaults(func=cmd_upload)
     return p
 
 

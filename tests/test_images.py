@@ -65,8 +65,9 @@ def test_sources(tmp_path, rgb, sample):
     found = images.list_images(str(tmp_path / "root"))
     assert [str(Path(p).relative_to(tmp_path / "root")) for p in found] == ["a/1.png", "b/2.jpg", "c.JPG"]
     lst = tmp_path / "root" / "list.txt"
-    lst.write_text("b/2.jpg\na/1.png\n\n")
-    assert images.list_images(str(lst)) == sorted([str(tmp_path / "root" / "b/2.jpg"), str(tmp_path / "root/a/1.png")])
+    lst.write_text("b/2.jpg\na/1.png\n\ns3://bucket/x/3.jpg\ngs://bucket/4.jpg\n")  # URIs are kept as they are
+    assert images.list_images(str(lst)) == sorted([str(tmp_path / "root" / "b/2.jpg"), str(tmp_path / "root/a/1.png"),
+                                                   "s3://bucket/x/3.jpg", "gs://bucket/4.jpg"])
     karpathy = images.list_images(str(sample / "dataset_coco.json"), str(sample / "images"))
     assert len(karpathy) == 6 and all(p.endswith(".jpg") for p in karpathy)
     assert ids.split_of(karpathy[0]) == "train2014"

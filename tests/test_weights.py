@@ -108,15 +108,16 @@ def test_cache_dir_from_environment(http_files, tmp_path, monkeypatch):
     assert weights.resolve(f"{base}/v.txt").path.is_relative_to(tmp_path / "envcache")
 
 
-def test_gcs_spec_is_copied_into_the_cache(gcs, tmp_path):
+@pytest.mark.parametrize("store", ["gs", "s3"], indirect=True)
+def test_object_store_spec_is_copied_into_the_cache(store, tmp_path):
     from vlprep import storage
 
-    storage.write_bytes(f"{gcs}/w/ck.pkl", b"weights-bytes")
-    got = weights.resolve(f"{gcs}/w/ck.pkl", cache_dir=tmp_path / "cache")
+    storage.write_bytes(f"{store}/w/ck.pkl", b"weights-bytes")
+    got = weights.resolve(f"{store}/w/ck.pkl", cache_dir=tmp_path / "cache")
     assert got.path.read_bytes() == b"weights-bytes"
     assert got.sha256 == hashlib.sha256(b"weights-bytes").hexdigest()
     with pytest.raises(VlprepError, match="not found"):
-        weights.resolve(f"{gcs}/w/absent.pkl", cache_dir=tmp_path / "cache")
+        weights.resolve(f"{store}/w/absent.pkl", cache_dir=tmp_path / "cache")
 
 
 def test_local_path_and_missing_file(tmp_path):

@@ -5,9 +5,10 @@
     vlprep context phrases|run ...          (``ctx`` is an alias)
     vlprep run PIPELINE --local [--config FILE] [--param k=v ...] [--run-name N]
     vlprep compile [PIPELINE ...] [--out pipelines/compiled]
-    vlprep submit PIPELINE --host URL [--experiment E] [--run-name N] [--param k=v ...]
+    vlprep submit PIPELINE --host URL [--experiment E] [--run-name N] [--param k=v ...] [--wait]
+    vlprep upload [PIPELINE ...] --host URL [--version REV]
 
-The workflow commands never import kfp: run / compile / submit live in the pipelines package
+The workflow commands never import kfp: run / compile / submit / upload live in the pipelines package
 (``vlprep_pipelines.cli``), loaded only when one of them is asked for.
 """
 
@@ -24,6 +25,7 @@ PIPELINE_COMMANDS = {
     "run": "run a pipeline on this machine (kfp.local)",
     "compile": "compile pipelines to KFP IR YAML",
     "submit": "submit a pipeline run to a KFP cluster",
+    "upload": "publish pipelines to a KFP cluster's UI as versions of named pipelines",
 }
 
 

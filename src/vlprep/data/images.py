@@ -44,7 +44,7 @@ class BadImage(Exception):
 
 
 def _rel(base: str, path: str) -> str:
-    if storage.is_gcs(path) or path.startswith("/"):
+    if storage.is_remote(path) or path.startswith("/"):
         return path
     return storage.join(storage.parent(base), path)
 

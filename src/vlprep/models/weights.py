@@ -6,7 +6,8 @@ A spec is one of:
   (``$VLPREP_CACHE``, else ``~/.cache/vlprep``), written to a temp file and renamed. The sha256 of
   every cached file is kept next to it (``<file>.sha256``) and checked before each reuse; with a
   ``#sha256=`` suffix the file must also have that digest.
-- ``gs://bucket/key[#sha256=<hex>]``: copied into the cache the same way, via ``vlprep.storage``.
+- ``gs://bucket/key[#sha256=<hex>]`` or ``s3://bucket/key[...]``: copied into the cache the same way, via
+  ``vlprep.storage``.
 - a local path (``#sha256=`` also allowed): used in place.
 - ``random:<seed>``: no file. The caller builds a deterministic random init of the real
   architecture; ``Resolved.is_random`` is True so that logs and reports can say so.
@@ -116,13 +117,13 @@ def resolve(spec: str | Path, *, cache_dir: str | Path | None = None) -> Resolve
     if seed is not None:
         return Resolved(spec=spec, path=None, is_random=True, seed=seed)
     location, expected = split_checksum(spec)
-    if location.startswith(("http://", "https://", "gs://")):
+    if location.startswith(("http://", "https://", "gs://", "s3://")):
         path, digest = _cached_copy(location, expected, Path(cache_dir) if cache_dir else default_cache_dir())
         return Resolved(spec=spec, path=path, sha256=digest)
     path = Path(location).expanduser()
     if not path.is_file():
         raise VlprepError(
-            f"{path}: file not found. Pass an existing local path, an http(s):// or gs:// URL "
+            f"{path}: file not found. Pass an existing local path, an http(s)://, gs:// or s3:// URL "
             "(downloaded once and cached), or random:<seed> for random weights (tests and demos only)."
         )
     digest = None
@@ -175,13 +176,13 @@ def _cached_copy(location: str, expected: str | None, cache_dir: Path) -> tuple[
 
 
 def _open_remote(location: str) -> BinaryIO:
-    if location.startswith("gs://"):
+    if location.startswith(("gs://", "s3://")):
         from vlprep import storage
 
         try:
             return storage.open_read(location)
         except FileNotFoundError as e:
-            raise VlprepError(f"{location}: not found ({e}); check the gs:// path") from None
+            raise VlprepError(f"{location}: not found ({e}); check the path") from None
     try:
         return urllib.request.urlopen(location, timeout=60)
     except (urllib.error.URLError, OSError) as e:
