@@ -4,6 +4,7 @@
     vlprep run PIPELINE --local [--config FILE] [--param k=v ...] [--run-name N]
     vlprep compile [PIPELINE ...] [--out pipelines/compiled]
     vlprep submit PIPELINE --host URL [--experiment E] [--run-name N] [--param k=v ...]
+    vlprep doctor [--store DIR_OR_URI]
 
 The stage commands never import kfp; run/compile/submit load the pipelines (which do).
 """
@@ -212,6 +213,9 @@ def parser() -> argparse.ArgumentParser:
     from vlprep.stages import context
 
     context.add_cli(sub)  # vlprep ctx phrases | run
+    from vlprep import doctor
+
+    doctor.add_cli(sub)  # vlprep doctor [--store URI]
     return p
 
 
