@@ -87,4 +87,6 @@ for stage in "${stages[@]}"; do
   size=$(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')
   summary+=("$image  $size  built in $(( $(date +%s) - start )) s")
 done
+# the images these tags replaced (same labels, now untagged): their layers are shared, their tops are not
+docker image prune -f --filter "label=org.opencontainers.image.source=$source_url" >/dev/null
 printf '%s\n' "${summary[@]}"
