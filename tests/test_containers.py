@@ -10,6 +10,7 @@ import builtins
 import io
 import json
 import re
+import time
 import tomllib
 import warnings
 from pathlib import Path
@@ -87,6 +88,25 @@ def test_stage_image_is_labelled_non_root_and_healthy(stage, stage_images, docke
     if stage == "captions":
         code, out = run(image, ["python3", "-c", "import torch"], [])
         assert code == 1 and "No module named 'torch'" in out
+    assert health(docker_client, image, attrs["Healthcheck"]["Test"]) == "healthy"
+
+
+def health(client, image: str, test: list) -> str:
+    """The status Docker gives a container of ``image`` running ``test`` as its health check (every second
+    here instead of the image's minute)."""
+    container = client.containers.run(image, ["sleep", "600"], detach=True, healthcheck={
+        "test": test, "interval": 1_000_000_000, "timeout": 120_000_000_000, "retries": 3})
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            container.reload()
+            status = container.attrs["State"]["Health"]["Status"]
+            if status != "starting":
+                return status
+            time.sleep(1)
+        return "starting"
+    finally:
+        container.remove(force=True)
 
 
 # ---------------------------------------------------------------- each component in its image
