@@ -242,10 +242,50 @@ def test_batched_equals_one_by_one(tiny_detector):
     _batched_vs_single(tiny_detector, exact=False)
 
 
+def _conv_batch_dependence(detector: BUTDDetector) -> str | None:
+    """The first conv of the detector whose output for one image changes with the batch, on this CPU.
+
+    Runs the backbone and the RPN head on 3 images of one size, then every conv on the inputs it saw,
+    batched and one image at a time. Whether a conv kernel is batch-invariant is a property of the
+    hardware, the BLAS and the thread count (e.g. MKL on an AVX-512/AMX Xeon with 2 threads splits
+    a batch-of-1 GEMM across threads, another batch not), not of the detector's code.
+    """
+    seen: list[tuple[str, torch.nn.Conv2d, torch.Tensor]] = []
+    names = {m: n for n, m in detector.named_modules()}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: seen.append((names[m], m, i[0])))
+        for m in detector.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    x = torch.from_numpy(np.random.default_rng(0).normal(0, 50, (3, 3, 128, 176)).astype(np.float32))
+    try:
+        with torch.inference_mode():
+            detector.rpn.head(detector.backbone(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.inference_mode():
+        for name, conv, inp in seen:
+            alone = torch.cat([conv(inp[k : k + 1]) for k in range(len(inp))])
+            if not torch.equal(conv(inp), alone):
+                return name
+    return None
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_batched_is_bitwise_identical_on_native_convs(tiny_detector):
-    """Without oneDNN, batching changes nothing at all: no padding or cross-image leakage."""
+    """Without oneDNN, batching changes nothing at all: no padding or cross-image leakage.
+
+    Only where this CPU's native conv kernels are themselves batch-invariant (probed first); the
+    guarantee on every CPU is test_batched_equals_one_by_one's 1e-4.
+    """
     with torch.backends.mkldnn.flags(enabled=False):
+        layer = _conv_batch_dependence(tiny_detector)
+        if layer is not None:
+            pytest.skip(
+                f"on this CPU with {torch.get_num_threads()} threads the native conv kernel of {layer} "
+                "gives an image other bits in a batch than alone; a bitwise check cannot hold here"
+            )
         _batched_vs_single(tiny_detector, exact=True)
 
 
