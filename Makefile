@@ -2,19 +2,26 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-IMAGE_REGISTRY ?= ghcr.io/vlprep
-TAG ?= 0.1.0
+# images: one per stage (images/Dockerfile); the committed pipelines/compiled/*.yaml name the defaults
+DEFAULT_REGISTRY := ghcr.io/vlprep
+DEFAULT_TAG := 0.1.0
+IMAGE_REGISTRY ?= $(DEFAULT_REGISTRY)
+TAG ?= $(DEFAULT_TAG)
+STAGES := captions regions context xlxmert vokens
 PIPELINE ?= demo
 KFP_HOST ?=
 RUN_ARGS ?=
 
-.PHONY: help setup run test test-fast compile images push submit bench lint clean
+.PHONY: help setup run test test-fast test-containers compile images push lock submit bench lint clean
 
 help:
 	@echo "make run       run the demo pipeline locally on the bundled sample (sets itself up)"
-	@echo "make test      the whole test suite"
+	@echo "make test      the whole test suite (no Docker needed)"
+	@echo "make test-containers  build the images, run the components in them (Docker; starts the engine)"
 	@echo "make compile   compile every pipeline to pipelines/compiled/*.yaml"
-	@echo "make images    docker build + push (IMAGE_REGISTRY=$(IMAGE_REGISTRY) TAG=$(TAG))"
+	@echo "make images    build $(IMAGE_REGISTRY)/vlprep-STAGE:$(TAG) for STAGE in $(STAGES)"
+	@echo "make push      push them to IMAGE_REGISTRY"
+	@echo "make lock      regenerate images/locks/ after changing a dependency in pyproject.toml"
 	@echo "make submit    PIPELINE=... KFP_HOST=... [RUN_ARGS='--param k=v']"
 	@echo "make bench     benchmarks (ratios against named baselines)"
 	@echo "make lint      ruff"
@@ -27,7 +34,7 @@ $(BIN)/python:
 # the stamp is refreshed whenever pyproject.toml changes
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[all,test]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -44,11 +51,20 @@ test-fast: setup
 compile: setup
 	VLPREP_IMAGE_REGISTRY=$(IMAGE_REGISTRY) VLPREP_IMAGE_TAG=$(TAG) $(BIN)/vlprep compile --out pipelines/compiled
 
+# BASE=... picks the base image, FAISS=... a GPU faiss (see images/Dockerfile); starts Docker if needed
 images:
-	docker build -f images/cpu.Dockerfile -t $(IMAGE_REGISTRY)/vlprep-cpu:$(TAG) .
-	docker build -f images/gpu.Dockerfile -t $(IMAGE_REGISTRY)/vlprep-gpu:$(TAG) .
-	docker push $(IMAGE_REGISTRY)/vlprep-cpu:$(TAG)
-	docker push $(IMAGE_REGISTRY)/vlprep-gpu:$(TAG)
+	bash images/build.sh $(IMAGE_REGISTRY) $(TAG) $(STAGES)
+
+push: images
+	@for s in $(STAGES); do docker push $(IMAGE_REGISTRY)/vlprep-$$s:$(TAG) || exit 1; done
+
+lock: setup
+	$(BIN)/python images/lock.py
+
+# the images the committed compiled pipelines name; fails (not skips) when Docker cannot be started
+test-containers: setup
+	$(MAKE) images IMAGE_REGISTRY=$(DEFAULT_REGISTRY) TAG=$(DEFAULT_TAG)
+	$(BIN)/python -m pytest -q --containers -m containers tests
 
 submit: setup
 	@test -n "$(KFP_HOST)" || { echo "set KFP_HOST=https://.../pipeline"; exit 1; }

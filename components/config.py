@@ -1,7 +1,9 @@
 """The one place that says which image and which resources each component gets.
 
-A new image tag is one edit here, or ``VLPREP_IMAGE_REGISTRY`` / ``VLPREP_IMAGE_TAG`` at compile time
-(``make compile IMAGE_REGISTRY=... TAG=...``).
+Images follow one rule: a component runs in the image of its stage, the stage being the components
+module that defines it (components/regions.py -> vlprep-regions, built from the ``regions`` target of
+images/Dockerfile). A new image tag is one edit here, or ``VLPREP_IMAGE_REGISTRY`` /
+``VLPREP_IMAGE_TAG`` at compile time (``make compile IMAGE_REGISTRY=... TAG=...``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from dataclasses import dataclass
 REGISTRY = os.environ.get("VLPREP_IMAGE_REGISTRY", "ghcr.io/vlprep")
 TAG = os.environ.get("VLPREP_IMAGE_TAG", "0.1.0")
 
-IMAGES = {
-    "cpu": f"{REGISTRY}/vlprep-cpu:{TAG}",  # images/cpu.Dockerfile
-    "gpu": f"{REGISTRY}/vlprep-gpu:{TAG}",  # images/gpu.Dockerfile
-}
+# one image per stage: images/Dockerfile has a target of each name, `make images` builds them all
+STAGES = ("captions", "regions", "context", "xlxmert", "vokens")
+IMAGES = {stage: f"{REGISTRY}/vlprep-{stage}:{TAG}" for stage in STAGES}
 
 GPU_TYPE = "nvidia.com/gpu"
 PARALLELISM = 8  # pods at once per fan-out (ParallelFor); a literal: KFP needs it at compile time
@@ -23,42 +24,46 @@ PARALLELISM = 8  # pods at once per fan-out (ParallelFor); a literal: KFP needs 
 
 @dataclass(frozen=True)
 class Resources:
-    image: str
     cpu: str
     memory: str
     gpus: int = 0
     retries: int = 2
 
 
-# component name (= its function's name, ``<stage>_<stage function>``) -> image and resources
+# component name (= its function's name, ``<stage>_<stage function>``) -> resources
 # (requests == limits: predictable scheduling)
 COMPONENTS = {
-    "captions_plan": Resources("cpu", cpu="1", memory="2Gi"),
-    "captions_extract": Resources("cpu", cpu="1", memory="2Gi"),
-    "captions_merge": Resources("cpu", cpu="1", memory="2Gi"),
-    "regions_plan": Resources("cpu", cpu="1", memory="2Gi"),
-    "regions_extract": Resources("gpu", cpu="8", memory="32Gi", gpus=1),
-    "regions_merge": Resources("cpu", cpu="2", memory="8Gi"),
-    "regions_lmdb": Resources("cpu", cpu="2", memory="8Gi"),
-    "regions_hard_negatives": Resources("cpu", cpu="4", memory="32Gi"),
+    "captions_plan": Resources(cpu="1", memory="2Gi"),
+    "captions_extract": Resources(cpu="1", memory="2Gi"),
+    "captions_merge": Resources(cpu="1", memory="2Gi"),
+    "regions_plan": Resources(cpu="1", memory="2Gi"),
+    "regions_extract": Resources(cpu="8", memory="32Gi", gpus=1),
+    "regions_merge": Resources(cpu="2", memory="8Gi"),
+    "regions_lmdb": Resources(cpu="2", memory="8Gi"),
+    "regions_hard_negatives": Resources(cpu="4", memory="32Gi"),
     # cross-modal context (Xmodal-Ctx / HAAV)
-    "context_plan": Resources("cpu", cpu="1", memory="8Gi"),  # streams VG JSON; holds the phrase set
-    "context_plan_images": Resources("cpu", cpu="1", memory="2Gi"),
-    "context_encode_phrases": Resources("gpu", cpu="4", memory="16Gi", gpus=1),
-    "context_build_index": Resources("gpu", cpu="8", memory="32Gi", gpus=1),  # all keys in memory; faiss-gpu k-means
-    "context_encode_images": Resources("gpu", cpu="8", memory="32Gi", gpus=1),  # DataLoader workers cut 15 views
-    "context_plan_retrieval": Resources("cpu", cpu="1", memory="2Gi"),
-    "context_retrieve": Resources("gpu", cpu="4", memory="16Gi", gpus=1),
-    "context_merge": Resources("cpu", cpu="4", memory="16Gi"),
+    "context_plan": Resources(cpu="1", memory="8Gi"),  # streams VG JSON; holds the phrase set
+    "context_plan_images": Resources(cpu="1", memory="2Gi"),
+    "context_encode_phrases": Resources(cpu="4", memory="16Gi", gpus=1),
+    "context_build_index": Resources(cpu="8", memory="32Gi", gpus=1),  # all keys in memory; faiss-gpu k-means
+    "context_encode_images": Resources(cpu="8", memory="32Gi", gpus=1),  # DataLoader workers cut 15 views
+    "context_plan_retrieval": Resources(cpu="1", memory="2Gi"),
+    "context_retrieve": Resources(cpu="4", memory="16Gi", gpus=1),
+    "context_merge": Resources(cpu="4", memory="16Gi"),
 }
 
 
-def image(component: str) -> str:
-    return IMAGES[COMPONENTS[component].image]
+def stage_image(module: str) -> str:
+    """The image of the components defined in ``module`` (``vlprep_components.regions`` -> vlprep-regions)."""
+    stage = module.rpartition(".")[2]
+    if stage not in IMAGES:
+        raise KeyError(f"{module}: no image for stage {stage!r}; add it to STAGES and a target to images/Dockerfile")
+    return IMAGES[stage]
 
 
 def component(fn):
-    """``fn`` as a KFP component in the image its entry here names (the entry's key is ``fn``'s name).
+    """``fn`` as a KFP component in its stage's image, with the resources its entry here names (the key is
+    ``fn``'s name).
 
     The body imports vlprep (installed in the image with the same kfp), so no pip runs at pod start.
     """
@@ -66,7 +71,7 @@ def component(fn):
 
     if fn.__name__ not in COMPONENTS:
         raise KeyError(f"component {fn.__name__}: add its image and resources to COMPONENTS in {__file__}")
-    return dsl.component(base_image=image(fn.__name__), install_kfp_package=False)(fn)
+    return dsl.component(base_image=stage_image(fn.__module__), install_kfp_package=False)(fn)
 
 
 def configure(task):

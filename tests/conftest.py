@@ -16,6 +16,21 @@ SHARED = REPO.parent / "shared"
 BIN = Path(sys.executable).parent
 
 
+def pytest_addoption(parser):
+    parser.addoption("--containers", action="store_true",
+                     help="run the tests marked `containers` (components in their Docker images: make test-containers)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `containers` need a Docker engine and the built images: they run only with --containers."""
+    if config.getoption("--containers"):
+        return
+    dropped = [item for item in items if item.get_closest_marker("containers")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker("containers")]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
-from kfp_harness import COMPILED, REPO
+from kfp_harness import COMPILED, REPO, component_modules
 from vlprep_components import config
 from vlprep_pipelines import PIPELINES, engine
 
@@ -69,15 +69,17 @@ def _tasks(dag: dict, components: dict):
 def test_structure(fresh, name):
     spec = _docs(fresh / f"{name}.yaml")[0]
     comps, execs = spec["components"], spec["deploymentSpec"]["executors"]
+    modules = component_modules()
     leaf = 0
     for tname, task, cname in _tasks(spec["root"]["dag"], comps):
         comp = comps[cname]
         if "dag" in comp:
             continue
         leaf += 1
-        declared = config.COMPONENTS[re.sub(r"-\d+$", "", cname.removeprefix("comp-")).replace("-", "_")]
+        name = re.sub(r"-\d+$", "", cname.removeprefix("comp-"))
+        declared = config.COMPONENTS[name.replace("-", "_")]
         container = execs[comp["executorLabel"]]["container"]
-        assert container["image"] == config.IMAGES[declared.image], tname
+        assert container["image"] == config.stage_image(modules[name]), tname
         assert "pip install" not in " ".join(container["command"]), f"{tname} installs packages at pod start"
         res = container["resources"]
         assert res["resourceCpuRequest"] == res["resourceCpuLimit"] == declared.cpu, tname

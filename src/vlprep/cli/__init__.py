@@ -7,6 +7,7 @@
     vlprep compile [PIPELINE ...] [--out pipelines/compiled]
     vlprep submit PIPELINE --host URL [--experiment E] [--run-name N] [--param k=v ...] [--wait]
     vlprep upload [PIPELINE ...] --host URL [--version REV]
+    vlprep doctor [--store DIR_OR_URI]
 
 The workflow commands never import kfp: run / compile / submit / upload live in the pipelines package
 (``vlprep_pipelines.cli``), loaded only when one of them is asked for.
@@ -36,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text, add_help=False)
     for workflow in (captions, regions, context):
         workflow.add(sub)
+    from vlprep import doctor
+
+    doctor.add_cli(sub)  # vlprep doctor [--store URI]: the images' health check
     return p
 
 
