@@ -131,13 +131,13 @@ def _vocabulary(record: dict) -> clusters.Vocabulary:
     return clusters.Vocabulary(**record["vocabulary"])
 
 
-def assign_plan(out: str, *, num_shards: int = 1, split: str = "balanced") -> list[dict]:
-    """Every target's images in blocks (``name:start:stop``, targets in order) split into shards."""
+def assign_plan(out: str, *, num_shards: int = 1, split: str = "balanced", block: int = ASSIGN_BLOCK) -> list[dict]:
+    """Every target's images in blocks of ``block`` (``name:start:stop``, targets in order) split into shards."""
     work, record = VOCAB.open(out), trained(out)
     items, keys = [], []
     for name, uri in record["targets"].items():
         n, _ = _h5_facts(uri)
-        items += [f"{name}:{s}:{min(s + ASSIGN_BLOCK, n)}" for s in range(0, n, ASSIGN_BLOCK)]
+        items += [f"{name}:{s}:{min(s + block, n)}" for s in range(0, n, block)]
         keys.append(f"{name}={content_key(uri)}")
     fingerprint = hashlib.sha256(
         ":".join([work.settings().fingerprint(), record["sha256"], *keys]).encode()).hexdigest()[:16]
