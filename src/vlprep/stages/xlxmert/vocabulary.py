@@ -110,7 +110,8 @@ def kmeans(out: str, settings: VocabSettings, runtime: stage.Runtime | None = No
                                     gpu=_gpu(runtime), verbose=False)
         clusters.write_centroids(uri, centroids)
         record = {"fingerprint": fingerprint, "centroids": uri, "sha256": storage.sha256(uri),
-                  "vocabulary": {f: getattr(vocab, f) for f in ("src", "k", "niter", "dim", "grid_size", "imsize")},
+                  "vocabulary": {**{f: getattr(vocab, f) for f in ("src", "k", "niter", "dim", "grid_size")},
+                                 "imsize": vocab.imsize or 0},  # 0, not None: KFP outputs carry no nulls
                   "targets": found, "gpu": km.use_gpu(_gpu(runtime)), "seconds": round(time.time() - t0, 3)}
         storage.write_text(_trained_uri(out), json.dumps(record, indent=1))
     return {**record, "skipped": record.get("skipped", False)}
@@ -128,7 +129,8 @@ def _kept(out: str, fingerprint: str, uri: str) -> dict | None:
 
 
 def _vocabulary(record: dict) -> clusters.Vocabulary:
-    return clusters.Vocabulary(**record["vocabulary"])
+    fields = record["vocabulary"]
+    return clusters.Vocabulary(**{**fields, "imsize": fields["imsize"] or None})
 
 
 def assign_plan(out: str, *, num_shards: int = 1, split: str = "balanced", block: int = ASSIGN_BLOCK) -> list[dict]:
