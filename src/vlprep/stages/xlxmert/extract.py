@@ -133,12 +133,16 @@ def merge(out: str, kind: str = "grid8") -> dict:
         merged = xlxmert_h5.merge_parts(prefixes, storage.join(out, settings.feature_file(folder)), layout)
         summary["files"][merged["path"]] = merged["images"]
         summary["names"][settings.target_name(folder)] = merged["path"]
-    samples = [(info, record) for shard, m in done[:1] for folder in sorted(m.get("folders", {}))[:1]
-               for info, record in itertools.islice(xlxmert_h5.read_part(shard.part(folder), layout.fields),
-                                                    REPORT_SAMPLES)]
     summary["report"] = storage.join(out, features_report(kind))
-    storage.write_text(summary["report"], report.features_html(summary, samples))
+    storage.write_text(summary["report"], report.features_html(summary, _samples(done, layout)))
     return summary
+
+
+def _samples(done, layout: xlxmert_h5.Layout) -> list[tuple[dict, dict]]:
+    """The first images, shard by shard (folders in name order), as the parts hold them."""
+    parts = (xlxmert_h5.read_part(shard.part(folder), layout.fields)
+             for shard, m in done for folder in sorted(m.get("folders", {})))
+    return list(itertools.islice(itertools.chain.from_iterable(parts), REPORT_SAMPLES))
 
 
 def _summary(out: str, settings: Settings, done) -> dict:

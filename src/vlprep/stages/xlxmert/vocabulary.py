@@ -89,13 +89,16 @@ def trained(out: str) -> dict:
 def kmeans(out: str, settings: VocabSettings, runtime: stage.Runtime | None = None) -> dict:
     """Train the centroids on the source (kept when the settings and the source are unchanged)."""
     settings.check()
-    VOCAB.start(out, settings)
     found = targets(out, settings)
     src = settings.src or next(iter(found))
     if src not in found:
         raise VlprepError(f"k-means source {src!r} is not among the features ({', '.join(found)}); "
                           "give it with --features / features")
     _, shape = _h5_facts(found[src])
+    if settings.dim and settings.dim != shape[-1]:
+        raise VlprepError(f"{found[src]}: features have {shape[-1]} values, dim={settings.dim}; pass dim={shape[-1]} "
+                          "(or 0: the source's width)")
+    VOCAB.start(out, settings)  # only now: a refused run leaves an earlier vocabulary's record as it was
     vocab = clusters.Vocabulary(src=src, k=settings.k, niter=settings.niter, dim=settings.dim or shape[-1],
                                 grid_size=shape[0], imsize=settings.imsize or None)
     fingerprint = hashlib.sha256(f"{settings.fingerprint()}:{content_key(found[src])}".encode()).hexdigest()[:16]
