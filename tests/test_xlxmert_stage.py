@@ -4,6 +4,7 @@ method, the reports and the CLI's errors."""
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path, PurePosixPath
 
@@ -209,3 +210,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["xlxmert", "extract", "--images", str(tmp_path), "--weights", "random:0", "--out",
                  str(tmp_path / "o"), "--arch", "tiny"]) == 2
     assert "no .jpg/.jpeg/.png files found" in capsys.readouterr().err
+
+
+def test_on_gcs_the_same_files(gcs, grid, vocab, tmp_path):
+    """The whole workflow with out=gs:// (the emulator): HDF5s, centroids and cluster ids equal the local run's."""
+    from vlprep import storage
+
+    xlxmert.run(gcs, _settings(), num_shards=2, runtime=CPU)
+    for name in (TRAIN, VALID):
+        assert storage.read_bytes(storage.join(gcs, name)) == (grid / name).read_bytes()
+    summary = xlxmert.run_vocabulary(gcs, xlxmert.VocabSettings(k=8, dim=0), num_shards=2, runtime=CPU)
+    assert summary["targets"]["mscoco_valid"] == {"images": 3, "cells": 192}
+    v = clusters.Vocabulary(src="mscoco_train", k=8, niter=20, dim=32)
+    out, _ = vocab
+    for rel in (v.cluster_index_file("mscoco_valid"), v.centroids_file()):
+        np.testing.assert_array_equal(np.load(io.BytesIO(storage.read_bytes(storage.join(gcs, rel)))), np.load(out / rel))
+    assert "cells per cluster" in storage.read_text(storage.join(gcs, "xlxmert_clusters_report.html"))
