@@ -155,6 +155,16 @@ def test_gpu_tasks_tolerate_the_gpu_taint(fresh):
         {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
 
 
+def test_xlxmert_gpu_tasks(fresh):
+    """Extraction (both kinds), k-means and assignment get a GPU and tolerate the taint; merges do not."""
+    spec, platform = _docs(fresh / "xlxmert.yaml")
+    execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    gpu = sorted(n for n, e in spec["deploymentSpec"]["executors"].items() if "accelerator" in e["container"]["resources"])
+    assert gpu == ["exec-xlxmert-assign", "exec-xlxmert-extract", "exec-xlxmert-extract-2", "exec-xlxmert-kmeans"]
+    assert all(execs[n]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+               for n in gpu)
+
+
 def _files(root: Path) -> dict[str, Path]:
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*"))
             if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)}

@@ -125,8 +125,8 @@ def merge(out: str, kind: str = "grid8") -> dict:
     work = extraction_stage(kind).open(out)
     settings = work.settings()
     done = work.collect()
-    dims = {m["dim"] for _, m in done if m.get("folders")}
-    layout = xlxmert_h5.Layout(kind, dims.pop() if len(dims) == 1 else xlxmert_h5.FEATURE_DIM)
+    dim = next((m["dim"] for _, m in done if m.get("folders")), xlxmert_h5.FEATURE_DIM)  # one model: one width
+    layout = xlxmert_h5.Layout(kind, dim)
     summary = _summary(out, settings, done)
     for folder in sorted({f for _, m in done for f in m.get("folders", {})}):
         prefixes = [shard.part(folder) for shard, m in done if folder in m.get("folders", {})]
