@@ -104,6 +104,7 @@ def kmeans(out: str, settings: VocabSettings, runtime: stage.Runtime | None = No
     fingerprint = hashlib.sha256(f"{settings.fingerprint()}:{content_key(found[src])}".encode()).hexdigest()[:16]
     uri = storage.join(out, vocab.centroids_file())
     record = _kept(out, fingerprint, uri)
+    skipped = record is not None
     if record is None:
         from vlprep import kmeans as km
 
@@ -115,9 +116,10 @@ def kmeans(out: str, settings: VocabSettings, runtime: stage.Runtime | None = No
         record = {"fingerprint": fingerprint, "centroids": uri, "sha256": storage.sha256(uri),
                   "vocabulary": {**{f: getattr(vocab, f) for f in ("src", "k", "niter", "dim", "grid_size")},
                                  "imsize": vocab.imsize or 0},  # 0, not None: KFP outputs carry no nulls
-                  "targets": found, "gpu": km.use_gpu(_gpu(runtime)), "seconds": round(time.time() - t0, 3)}
-        storage.write_text(_trained_uri(out), json.dumps(record, indent=1))
-    return {**record, "skipped": record.get("skipped", False)}
+                  "gpu": km.use_gpu(_gpu(runtime)), "seconds": round(time.time() - t0, 3)}
+    record["targets"] = found  # kept centroids too: the targets may have changed (say a new split extracted)
+    storage.write_text(_trained_uri(out), json.dumps(record, indent=1))
+    return {**record, "skipped": skipped}
 
 
 def _kept(out: str, fingerprint: str, uri: str) -> dict | None:
@@ -128,7 +130,7 @@ def _kept(out: str, fingerprint: str, uri: str) -> dict | None:
         return None
     if record.get("fingerprint") != fingerprint or record.get("centroids") != uri or not storage.exists(uri):
         return None
-    return {**record, "skipped": True} if storage.sha256(uri) == record.get("sha256") else None
+    return record if storage.sha256(uri) == record.get("sha256") else None
 
 
 def _vocabulary(record: dict) -> clusters.Vocabulary:
