@@ -50,6 +50,15 @@ COMPONENTS = {
     "context_plan_retrieval": Resources(cpu="1", memory="2Gi"),
     "context_retrieve": Resources(cpu="4", memory="16Gi", gpus=1),
     "context_merge": Resources(cpu="4", memory="16Gi"),
+    # X-LXMERT grid / box features and the visual vocabulary
+    "xlxmert_plan": Resources(cpu="1", memory="2Gi"),
+    "xlxmert_extract": Resources(cpu="8", memory="32Gi", gpus=1),  # X-152 + DataLoader decode workers
+    "xlxmert_merge": Resources(cpu="2", memory="8Gi"),  # streamed; the HDF5 is built on local disk
+    # faiss k-means holds K * max_points_per_centroid * d f32: 10000 * 256 * 2048 * 4 B = 21 GB, plus faiss's copy
+    "xlxmert_kmeans": Resources(cpu="8", memory="64Gi", gpus=1),
+    "xlxmert_assign_plan": Resources(cpu="1", memory="2Gi"),
+    "xlxmert_assign": Resources(cpu="4", memory="16Gi", gpus=1),  # target read block by block; faiss-gpu search
+    "xlxmert_assign_merge": Resources(cpu="2", memory="16Gi"),  # image -> ids dict of the largest target
 }
 
 

@@ -3,19 +3,21 @@
 Its parameters are plain paths (KFP cannot concatenate strings into a nested pipeline's inputs);
 ``local_params`` fills them in for a local run from the sample directory and the run directory.
 Weights default to ``random:0`` (offline; flagged in logs and reports); pass real weight specs with
-``--param weights=...``.
+``--param weights=...``. X-LXMERT runs its tiny detector by default (``xlxmert_arch``): the full X-152
+takes about 40 s per image and kind on a CPU; ``--param xlxmert_arch=full`` runs the real architecture.
 """
 
 from kfp import dsl
 from vlprep_pipelines.context import context as context_pipeline
 from vlprep_pipelines.regions import regions
+from vlprep_pipelines.xlxmert import xlxmert as xlxmert_pipeline
 
 
 @dsl.pipeline(name="demo", description="All vlprep workflows on one small dataset")
 def demo(  # every input path is a parameter: KFP cannot join strings for a nested pipeline's inputs
     karpathy: str, test1k_ids: str, images: str, mscoco: str, annotations: str, attributes: str, relationships: str,
-    context: str, weights: str = "random:0", clip_weights: str = "random:0", num_shards: int = 2, arch: str = "full",
-    device: str = "cpu",
+    context: str, xlxmert: str, weights: str = "random:0", clip_weights: str = "random:0", num_shards: int = 2,
+    arch: str = "full", device: str = "cpu", xlxmert_weights: str = "random:0", xlxmert_arch: str = "tiny",
 ):
     regions(images=images, out=mscoco, karpathy=karpathy, annotations=annotations, dataset="coco", recipe="caffe36",
             weights=weights, num_shards=num_shards, device=device, batch_size=4, num_workers=2, arch=arch,
@@ -24,6 +26,10 @@ def demo(  # every input path is a parameter: KFP cannot join strings for a nest
     context_pipeline(images=images, attributes=attributes, relationships=relationships, out=context,
                      recipe="xmodal-ctx", weights=clip_weights, index="flat", image_shards=num_shards,
                      phrase_shards=num_shards, image_batch=4, text_batch=64, num_workers=2, device=device)
+    # 3 train2014 images = 192 grid cells: a 16-word vocabulary; dim 0 = the detector's width (tiny: 32)
+    xlxmert_pipeline(images=images, out=xlxmert, dataset="coco", weights=xlxmert_weights, arch=xlxmert_arch,
+                     num_shards=num_shards, device=device, batch_size=4, num_workers=2, k=16, dim=0,
+                     assign_shards=num_shards)
 
 
 def local_params(sample: str, run_dir: str) -> dict:
@@ -37,4 +43,5 @@ def local_params(sample: str, run_dir: str) -> dict:
         "attributes": f"{sample}/vg/attributes.json",
         "relationships": f"{sample}/vg/relationships.json",
         "context": f"{run_dir}/xmodal_ctx",
+        "xlxmert": f"{run_dir}/xlxmert",
     }

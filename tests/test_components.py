@@ -71,3 +71,44 @@ def test_region_components_chain(tmp_path, sample):
     assert metrics["artifacts"][0]["metadata"]["images"] == 6
     vals, _ = run_component(spec, "regions-lmdb", {"merged": vals["Output"], "out": str(out)}, tmp_path / "lmdb")
     assert vals["Output"]["lmdb"] == {str(out / "trainval_feat.lmdb"): 6}
+
+
+def test_xlxmert_components_chain(tmp_path, sample):
+    import json
+
+    spec, _ = load("xlxmert")
+    out = tmp_path / "store"
+    settings = {"images": str(sample / "images"), "image_root": "", "dataset": "coco", "kind": "grid8",
+                "weights": "random:0", "config": "", "arch": "tiny", "autocast": "", "imsize": 0}
+    vals, _ = run_component(spec, "xlxmert-plan", {**settings, "out": str(out), "num_shards": 2, "split": "balanced"},
+                            tmp_path / "plan")
+    specs = vals["Output"]
+    assert [s["kind"] for s in specs] == ["grid8", "grid8"]
+    done = []
+    for s in specs:
+        vals, _ = run_component(spec, "xlxmert-extract", {"spec": s, "device": "cpu", "batch_size": 2, "num_workers": 0},
+                                tmp_path / f"x{s['index']}")
+        done.append(vals["Output"])
+    assert sum(d["images"] for d in done) == 6 and not any(d["skipped"] for d in done)
+    vals, arts = run_component(spec, "xlxmert-merge", {"shards": done, "out": str(out), "kind": "grid8"}, tmp_path / "m")
+    merged = vals["Output"]
+    assert merged["names"] == {"mscoco_train": str(out / "COCO/features/maskrcnn_train_grid8.h5"),
+                               "mscoco_valid": str(out / "COCO/features/maskrcnn_valid_grid8.h5")}
+    assert Path(arts["report"]).read_text() == (out / "xlxmert_grid8_report.html").read_text()
+    metrics = json.loads((tmp_path / "m" / "executor_output.json").read_text())["artifacts"]["metrics"]
+    assert metrics["artifacts"][0]["metadata"]["images"] == 6
+    vocab = {"features": [], "src": "", "k": 8, "niter": 20, "dim": 0, "seed": 1234, "max_points_per_centroid": 256,
+             "nredo": 1, "imsize": 0, "images": "", "device": "cpu"}
+    vals, _ = run_component(spec, "xlxmert-kmeans", {"merged": merged, "out": str(out), **vocab}, tmp_path / "k")
+    trained = vals["Output"]
+    assert trained["vocabulary"]["dim"] == 32 and trained["skipped"] is False and trained["gpu"] is False
+    assert Path(trained["centroids"]).name == "maskrcnn_mscoco_train_centroids8_iter20_d32_grid8.npy"
+    vals, _ = run_component(spec, "xlxmert-assign-plan", {"trained": trained, "out": str(out), "num_shards": 2,
+                                                          "split": "balanced"}, tmp_path / "ap")
+    assigned = [run_component(spec, "xlxmert-assign", {"spec": s, "device": "cpu"}, tmp_path / f"a{s['index']}")[0]
+                ["Output"] for s in vals["Output"]]
+    assert [a["targets"] for a in assigned] == [{"mscoco_train": 3}, {"mscoco_valid": 3}]
+    vals, arts = run_component(spec, "xlxmert-assign-merge", {"shards": assigned, "out": str(out)}, tmp_path / "am")
+    assert vals["Output"]["targets"]["mscoco_valid"] == {"images": 3, "cells": 192}
+    assert vals["Output"]["skipped_shards"] == 0
+    assert "X-LXMERT visual vocabulary" in Path(arts["report"]).read_text()

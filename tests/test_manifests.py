@@ -78,7 +78,7 @@ def test_wheel_the_images_install_carries_everything(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, capture_output=True)
     names = set(zipfile.ZipFile(next(tmp_path.glob("vlprep-*.whl"))).namelist())
-    for needed in ("vlprep/stages/regions/extract.py", "vlprep/cli/__main__.py", "vlprep/reports/html.py",
+    for needed in ("vlprep/stages/regions/extract.py", "vlprep/stages/xlxmert/vocabulary.py", "vlprep/cli/__main__.py", "vlprep/reports/html.py",
                    "vlprep/sample/__init__.py", "vlprep_components/config.py", "vlprep_pipelines/demo.py",
                    "vlprep_pipelines/cli.py",
                    "vlprep/sample/dataset_coco.json", "vlprep/sample/vg/attributes.json",

@@ -157,6 +157,16 @@ def test_gpu_tasks_tolerate_the_gpu_taint(fresh):
         {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
 
 
+def test_xlxmert_gpu_tasks(fresh):
+    """Extraction (both kinds), k-means and assignment get a GPU and tolerate the taint; merges do not."""
+    spec, platform = _docs(fresh / "xlxmert.yaml")
+    execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    gpu = sorted(n for n, e in spec["deploymentSpec"]["executors"].items() if "accelerator" in e["container"]["resources"])
+    assert gpu == ["exec-xlxmert-assign", "exec-xlxmert-extract", "exec-xlxmert-extract-2", "exec-xlxmert-kmeans"]
+    assert all(execs[n]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+               for n in gpu)
+
+
 def _files(root: Path) -> dict[str, Path]:
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*"))
             if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)}
@@ -185,6 +195,32 @@ def test_cli_run_and_local_pipeline_run_give_the_same_files(tmp_path, sample):
     assert figures == [6, 6]
 
 
+def test_xlxmert_cli_and_local_pipeline_run_give_the_same_files(tmp_path, sample):
+    """X-LXMERT from the CLI (extract grid8, extract boxes36, kmeans; one shard each) and as the local KFP
+    pipeline (three extraction shards, two assignment shards): the same files, byte for byte, but the
+    reports (timings, paths). Batch size 1 (upstream's) in both: batches of same-size images, which differ
+    with the shard cut, change features by float rounding only (tests/test_x152.py)."""
+    from vlprep.cli import main
+
+    images, local, cli = str(sample / "images"), tmp_path / "local", tmp_path / "cli"
+    engine.run_local("xlxmert", {"images": images, "out": str(local), "arch": "tiny", "device": "cpu", "num_shards": 3,
+                                 "batch_size": 1, "num_workers": 0, "k": 16, "dim": 0, "assign_shards": 2},
+                     tmp_path / "root")
+    common = ["--images", images, "--weights", "random:0", "--out", str(cli), "--arch", "tiny", "--device", "cpu",
+              "--batch-size", "1", "--workers", "0"]
+    assert main(["xlxmert", "extract", "--kind", "grid8", *common]) == 0
+    assert main(["xlxmert", "extract", "--kind", "boxes36", *common]) == 0
+    assert main(["xlxmert", "kmeans", "--out", str(cli), "--n-centroids", "16", "--dim", "0", "--device", "cpu"]) == 0
+    got, want = _files(local), _files(cli)
+    assert sorted(got) == sorted(want)
+    assert {"COCO/features/maskrcnn_train_grid8.h5", "COCO/features/maskrcnn_valid_boxes36.h5",
+            "clustering/maskrcnn_mscoco_train_centroids16_iter20_d32_grid8.npy",
+            "clustering/maskrcnn_mscoco_train_mscoco_valid_img_id_to_cluster_id_16_iter20_d32_grid8.pkl",
+            "xlxmert_grid8_report.html", "xlxmert_boxes36_report.html", "xlxmert_clusters_report.html"} <= set(got)
+    differ = [n for n in got if got[n].read_bytes() != want[n].read_bytes()]
+    assert all(n.endswith("_report.html") for n in differ), differ
+
+
 def _leaves(task: dict, comps: dict) -> set[str]:
     comp = comps[task["componentRef"]["name"]]
     if "dag" not in comp:
@@ -203,7 +239,7 @@ def _after(dag: dict, comps: dict, before: frozenset = frozenset()):
             yield next(iter(_leaves(task, comps))), deps
 
 
-@pytest.mark.parametrize("stage_name", ["captions", "regions", "context"])
+@pytest.mark.parametrize("stage_name", ["captions", "regions", "context", "xlxmert"])
 def test_local_driver_runs_the_pipelines_steps_in_its_order(fresh, stage_name):
     """`vlprep <workflow>` and the tests run stage.steps(...) in one process: the same functions as the
     pipeline's components (component name = <stage>_<function>), in an order the pipeline allows."""
