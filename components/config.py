@@ -50,6 +50,18 @@ COMPONENTS = {
     "context_plan_retrieval": Resources("cpu", cpu="1", memory="2Gi"),
     "context_retrieve": Resources("gpu", cpu="4", memory="16Gi", gpus=1),
     "context_merge": Resources("cpu", cpu="4", memory="16Gi"),
+    # Maria's vokenization
+    "vokens_train": Resources("gpu", cpu="32", memory="128Gi", gpus=4),  # torchrun: one process per GPU
+    "vokens_matcher": Resources("cpu", cpu="1", memory="1Gi"),
+    "vokens_tokenize_plan": Resources("cpu", cpu="1", memory="2Gi"),  # two passes over the corpus
+    "vokens_tokenize": Resources("cpu", cpu="4", memory="8Gi"),  # Rust tokenizer threads
+    "vokens_tokenize_merge": Resources("cpu", cpu="2", memory="8Gi"),
+    "vokens_keys_plan": Resources("cpu", cpu="1", memory="4Gi"),
+    "vokens_keys": Resources("gpu", cpu="8", memory="32Gi", gpus=1),  # DataLoader workers decode
+    "vokens_keys_merge": Resources("cpu", cpu="2", memory="8Gi"),
+    "vokens_plan": Resources("cpu", cpu="2", memory="8Gi"),  # hashes the key and token files
+    "vokens_vokenize": Resources("gpu", cpu="4", memory="32Gi", gpus=1),  # all keys in memory; faiss-gpu
+    "vokens_merge": Resources("cpu", cpu="2", memory="8Gi"),
 }
 
 

@@ -5,12 +5,14 @@ from vlprep_pipelines import demo as _demo
 from vlprep_pipelines.captions import captions
 from vlprep_pipelines.context import context
 from vlprep_pipelines.regions import regions
+from vlprep_pipelines.vokens import vokens
 
 PIPELINES = {
     "captions": captions,
     "context": context,
     "demo": _demo.demo,
     "regions": regions,
+    "vokens": vokens,
 }
 
 # pipeline -> function(sample_dir, run_dir) giving the parameters of a local run on the sample
