@@ -3,6 +3,7 @@
     vlprep captions --karpathy FILE --dataset coco --out DIR_OR_URI [--test1k-ids FILE] [--shards N]
     vlprep regions extract|lmdb|hard-negatives ...
     vlprep context phrases|run ...          (``ctx`` is an alias)
+    vlprep vokens train|tokenize|keys|vokenize ...
     vlprep run PIPELINE --local [--config FILE] [--param k=v ...] [--run-name N]
     vlprep compile [PIPELINE ...] [--out pipelines/compiled]
     vlprep submit PIPELINE --host URL [--experiment E] [--run-name N] [--param k=v ...]
@@ -18,7 +19,7 @@ import logging
 import sys
 
 from vlprep import VlprepError
-from vlprep.cli import captions, context, regions
+from vlprep.cli import captions, context, regions, vokens
 
 PIPELINE_COMMANDS = {
     "run": "run a pipeline on this machine (kfp.local)",
@@ -32,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in PIPELINE_COMMANDS.items():  # listed for --help; main() hands them to vlprep_pipelines
         sub.add_parser(name, help=text, add_help=False)
-    for workflow in (captions, regions, context):
+    for workflow in (captions, regions, context, vokens):
         workflow.add(sub)
     return p
 

@@ -21,6 +21,7 @@ the files are the same for any number of shards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vlprep import stage, storage
@@ -40,7 +41,7 @@ from vlprep.stages.vokens.training import matcher, train, train_job
 
 __all__ = ["REPORT", "KeySettings", "Settings", "TokenizeSettings", "VokenizeSettings", "find_tokens", "image_set_for",
            "keys", "keys_merge", "keys_plan", "layout", "make_settings", "matcher", "merge", "plan", "prefix_name", "run",
-           "sets_in", "steps", "tokenize", "tokenize_merge", "tokenize_plan", "train", "train_job", "vokenize"]
+           "run_steps", "sets_in", "steps", "tokenize_steps", "keys_steps", "vokenize_steps", "tokenize", "tokenize_merge", "tokenize_plan", "train", "train_job", "vokenize"]
 
 
 @dataclass(frozen=True)
@@ -87,35 +88,64 @@ class Settings:
                          settings=self.train_settings)
 
 
-def steps(out: str, settings: Settings | None, *, tokenize_shards: int = 1, key_shards: int = 1,
-          vokenize_shards: int = 1, split: str = "balanced", runtime: stage.Runtime | None = None,
-          nproc: int | None = None) -> list[stage.Step]:
-    """The pipeline's steps, in its order (``vlprep_pipelines.vokens``); ``train`` or ``matcher`` first, as
-    the pipeline's condition on an empty matcher."""
+def tokenize_steps(out: str, settings: TokenizeSettings, *, num_shards: int = 1,
+                   split: str = "balanced") -> list[stage.Step]:
+    """Tokenization into the tokens folder ``out`` (what ``vlprep vokens tokenize`` runs)."""
+    name = prefix_name(settings.corpus, settings.tokenizer)
+    return [stage.Step("tokenize_plan", lambda: tokenize_plan(out, settings, num_shards=num_shards, split=split)),
+            stage.Step("tokenize", tokenize, over="tokenize_plan"),
+            stage.Step("tokenize_merge", lambda: tokenize_merge(out, name))]
+
+
+def keys_steps(out: str, settings: KeySettings, *, num_shards: int = 1, split: str = "balanced",
+               runtime: stage.Runtime | None = None) -> list[stage.Step]:
+    """One image set's keys into the keys folder ``out`` (``vlprep vokens keys``)."""
+    return [stage.Step("keys_plan", lambda: keys_plan(out, settings, num_shards=num_shards, split=split)),
+            stage.Step("keys", lambda spec: keys(spec, runtime), over="keys_plan"),
+            stage.Step("keys_merge", lambda: keys_merge(out, settings.image_set))]
+
+
+def vokenize_steps(out: str, settings: Callable[[], VokenizeSettings], *, num_shards: int = 1,
+                   split: str = "balanced", runtime: stage.Runtime | None = None) -> list[stage.Step]:
+    """Vokens into the folder ``out`` (``vlprep vokens vokenize``); ``settings()`` is called by the plan step,
+    once the tokens and keys it checks exist."""
+    made: list[VokenizeSettings] = []
+
+    def plan_step():
+        made.append(settings())
+        return plan(out, made[0], num_shards=num_shards, split=split)
+
+    return [stage.Step("plan", plan_step),
+            stage.Step("vokenize", lambda spec: vokenize(spec, runtime), over="plan"),
+            stage.Step("merge", lambda: merge(out, made[0].tokens.rstrip("/").rsplit("/", 1)[-1]))]
+
+
+def steps(out: str, settings: Settings, *, tokenize_shards: int = 1, key_shards: int = 1, vokenize_shards: int = 1,
+          split: str = "balanced", runtime: stage.Runtime | None = None, nproc: int | None = None) -> list[stage.Step]:
+    """The pipeline's steps, in its order (``vlprep_pipelines.vokens``): ``train`` without a matcher (as the
+    pipeline's condition), else ``matcher``; then tokenize, keys and vokenize."""
     d, s = layout(out), settings
-    first = (stage.Step("matcher", lambda: matcher(s.matcher)) if s is not None and s.matcher
+    first = (stage.Step("matcher", lambda: matcher(s.matcher)) if s.matcher
              else stage.Step("train", lambda: train(s.job(out), nproc)))
-    tokens = lambda: prefix_name(s.corpus, s.tokenizer)  # noqa: E731 - read when the step runs
+    tokens = storage.join(d["tokens"], prefix_name(s.corpus, s.tokenizer))
     return [
         first,
-        stage.Step("tokenize_plan", lambda: tokenize_plan(d["tokens"], s.tokenize_settings(), num_shards=tokenize_shards,
-                                                          split=split)),
-        stage.Step("tokenize", tokenize, over="tokenize_plan"),
-        stage.Step("tokenize_merge", lambda: tokenize_merge(d["tokens"], tokens())),
-        stage.Step("keys_plan", lambda: keys_plan(d["keys"], s.key_settings(out), num_shards=key_shards, split=split)),
-        stage.Step("keys", lambda spec: keys(spec, runtime), over="keys_plan"),
-        stage.Step("keys_merge", lambda: keys_merge(d["keys"], s.image_set)),
-        stage.Step("plan", lambda: plan(d["vokens"], make_settings(
-            tokens=storage.join(d["tokens"], tokens()), keys=d["keys"], matcher=s.matcher_spec(out), config=s.config,
-            image_sets=[s.image_set], topk=s.topk, max_images=s.max_images, page_lines=s.page_lines), num_shards=vokenize_shards, split=split)),
-        stage.Step("vokenize", lambda spec: vokenize(spec, runtime), over="plan"),
-        stage.Step("merge", lambda: merge(d["vokens"], tokens())),
+        *tokenize_steps(d["tokens"], s.tokenize_settings(), num_shards=tokenize_shards, split=split),
+        *keys_steps(d["keys"], s.key_settings(out), num_shards=key_shards, split=split, runtime=runtime),
+        *vokenize_steps(d["vokens"], lambda: make_settings(
+            tokens=tokens, keys=d["keys"], matcher=s.matcher_spec(out), config=s.config, image_sets=[s.image_set],
+            topk=s.topk, max_images=s.max_images, page_lines=s.page_lines),
+            num_shards=vokenize_shards, split=split, runtime=runtime),
     ]
+
+
+def run_steps(name: str, steps: list[stage.Step]) -> dict:
+    """Steps in this process; the last step's result (a merge summary) with how many shards were already done."""
+    results = stage.run_local(name, steps)
+    skipped = {s.name: stage.skipped(results[s.name]) for s in steps if s.over}
+    return {**results[steps[-1].name], "skipped_shards": skipped}
 
 
 def run(out: str, settings: Settings, **kw) -> dict:
     """The whole workflow in this process: [train], tokenize, keys, vokenize (done shards skipped), merge."""
-    results = stage.run_local("vokens", steps(out, settings, **kw))
-    return {**results["merge"], "skipped_shards": {
-        "tokenize": stage.skipped(results["tokenize"]), "keys": stage.skipped(results["keys"]),
-        "vokenize": stage.skipped(results["vokenize"])}}
+    return run_steps("vokens", steps(out, settings, **kw))
