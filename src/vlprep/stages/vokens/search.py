@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -98,11 +99,12 @@ def _key_dim(keys_dir: str, name: str) -> int:
         return int(f[fmt.KEYS_DATASET].shape[1])
 
 
-def _key_sets(settings: VokenizeSettings, use_gpu: bool | None, fingerprint: str) -> vk.KeySets:
-    """The indexed key sets (one kept per process: a local run loads them once for all shards)."""
-    return stage.cached_model(("keys", settings.keys, settings.image_sets, settings.max_images, use_gpu, fingerprint),
-                              lambda: vk.load_key_sets(settings.keys, settings.image_sets,
-                                                       max_images=settings.max_images, use_gpu=use_gpu))
+@functools.lru_cache(maxsize=1)
+def _key_sets(keys: str, image_sets: tuple[str, ...], max_images: int, use_gpu: bool | None,
+              fingerprint: str) -> vk.KeySets:
+    """The indexed key sets, kept per process beside the matcher (a local run loads them once for all shards);
+    ``fingerprint`` (the plan's, over the key files) tells a changed set from the one kept."""
+    return vk.load_key_sets(keys, image_sets, max_images=max_images, use_gpu=use_gpu)
 
 
 def vokenize(spec: dict, runtime: stage.Runtime | None = None) -> dict:
@@ -116,7 +118,7 @@ def vokenize(spec: dict, runtime: stage.Runtime | None = None) -> dict:
 
         settings = work.settings()
         model = matcher_for(settings.matcher, settings.config, dev)
-        key_sets = _key_sets(settings, use_gpu, shard.fingerprint)
+        key_sets = _key_sets(settings.keys, settings.image_sets, settings.max_images, use_gpu, shard.fingerprint)
         vokenizer = vk.Vokenizer(model.lang_model, load_tokenizer(settings.tokenizer), key_sets, topk=settings.topk,
                                  page_lines=settings.page_lines)
         start, stop = shard.items[0][0], shard.items[-1][1]
