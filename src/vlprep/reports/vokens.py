@@ -3,6 +3,7 @@ top-k images shown beside them (inline thumbnails)."""
 
 from __future__ import annotations
 
+from vlprep.data.images import BadImage
 from vlprep.models.matching.images import read_rgb
 from vlprep.reports import html
 
@@ -12,8 +13,8 @@ THUMB = 96
 def _thumb(image: dict) -> str:
     caption = f"{image['voken']} ({image['score']:.3f})"
     try:
-        im = read_rgb(image["uri"])  # keys' paths are URIs as read (a path relative elsewhere shows its name)
-    except Exception:  # noqa: BLE001 - a picture that cannot be shown leaves its name
+        im = read_rgb(image["uri"])  # the keys' paths are the URIs they were read from
+    except BadImage:  # a picture that cannot be read (e.g. a path relative elsewhere) leaves its name
         return f"<figure><figcaption>{html.escape(caption)}</figcaption></figure>"
     im.thumbnail((THUMB, THUMB))
     return html.figure(im, caption)
