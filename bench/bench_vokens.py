@@ -1,16 +1,19 @@
 """Vokenization pieces vs their baselines, measured in the same run on the same inputs (tiny model, CPU).
 
+The ``vlprep`` side of each is the stage's steps as ``vlprep vokens tokenize | vokenize | keys`` run them
+(``vlprep.stages.vokens``: plan, shards with their done-markers, merge).
+
 1. Tokenization, lines/s. Baseline ``upstream``: Maria's ``tokenize_dataset.py`` + ``to_hdf5.py`` loop
    restated (bytes -> one ``convert_tokens_to_ids(tokenize(line))`` call per line -> ids text ->
-   re-read -> hdf5). ``vlprep``: ``text_corpus.tokenize_range`` (batched Rust tokenizer) per shard and
-   ``merge_tokens(drop_empty=True)``; the three files are checked byte-identical to the baseline's.
+   re-read -> hdf5). ``vlprep``: ``tokenize_steps`` (4 shards, batched Rust tokenizer) with
+   ``drop_empty``; the three files are checked byte-identical to the baseline's.
 2. Vokenization, lines/s. Baseline ``bare``: pages of 512 token lines from the hdf5 -> ``[CLS] ids [SEP]``
    padded -> the sentence tower -> ``faiss.IndexFlatIP.search`` top-5 -> basenames written.
-   ``vlprep``: ``vokenize_range`` + ``merge_vokens`` (the same work plus reading ``.line``, parts in the
-   store, the ``.ids`` file); outputs checked identical.
+   ``vlprep``: ``vokenize_steps`` (2 shards; the same work plus hashing the inputs at plan, reading
+   ``.line``, parts in the store, the ``.ids`` file and the report); outputs checked identical.
 3. Image keys, images/s. Baseline ``upstream``: ``extract_vision_keys.py``'s loop restated (sequential
-   ``default_loader`` (PIL open + convert RGB) + transform, batches of the model). ``vlprep``: ``extract_keys`` (DataLoader workers) +
-   ``merge_keys``.
+   ``default_loader`` (PIL open + convert RGB) + transform, batches of the model). ``vlprep``:
+   ``keys_steps`` (one shard, DataLoader workers).
 
 Weights are random and tiny (throughput of the plumbing, not of BERT-base). Ratios are vlprep / baseline
 throughput (higher is better). Usage:
@@ -29,15 +32,16 @@ import h5py
 import numpy as np
 import torch
 
-from vlprep.cli import sample_dir
-from vlprep.data import text_corpus as tc
+from vlprep import stage
 from vlprep.formats import vokens as fmt
 from vlprep.models.matching import keys as mk
 from vlprep.models.matching import vokenize as vk
 from vlprep.models.matching.config import TINY
 from vlprep.models.matching.images import eval_transform
-from vlprep.models.matching.model import load_matcher
-from vlprep.models.matching.tokenizer import load_tokenizer
+from vlprep.models.matching.tokenizer import load_tokenizer, tokenizer_label
+from vlprep.sample import sample_dir
+from vlprep.stages import vokens as V
+from vlprep.stages.vokens.keys import matcher_for
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "maria" / "bert-base-uncased"
 WORDS = ("i think the movie was great but the ending was weird , what do you think ? lol yes "
@@ -82,25 +86,21 @@ def upstream_tokenize(corpus: Path, tok, label: str) -> None:
         dset[done:done + len(tokens)] = tokens
 
 
-def bench_tokenize(tmp: Path, tok, n: int) -> str:
+def bench_tokenize(tmp: Path, spec: str, n: int) -> str:
+    tok, label = load_tokenizer(spec), tokenizer_label(spec)
     up = tmp / "up" / "train.pkl.txt"
     up.parent.mkdir()
     make_corpus(up, n)
     t = time.perf_counter()
-    upstream_tokenize(up, tok, "tok")
+    upstream_tokenize(up, tok, label)
     base = time.perf_counter() - t
     ours_dir = tmp / "ours"
+    settings = V.TokenizeSettings(corpus=str(up), tokenizer=spec, drop_empty=True, block_lines=-(-n // 4))
     t = time.perf_counter()
-    bounds = np.linspace(0, tc.count_lines(str(up)), 5).astype(int)
-    starts = tc.byte_offsets(str(up), bounds[:-1])
-    parts = []
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        parts.append(str(ours_dir / f"part{i}.npz"))
-        tc.tokenize_range(str(up), int(a), int(b), parts[-1], tokenizer=tok, byte_start=starts[i])
-    prefix = fmt.tokens_prefix(str(ours_dir), up.name, "tok")
-    tc.merge_tokens(parts, prefix, drop_empty=True)
+    summary = V.run_steps("bench", V.tokenize_steps(str(ours_dir), settings, num_shards=4))
     ours = time.perf_counter() - t
-    same = all(Path(prefix + s).read_bytes() == Path(f"{up}.tok{s}").read_bytes() for s in ("", ".line", ".hdf5"))
+    prefix = summary["tokens"]
+    same = all(Path(prefix + s).read_bytes() == Path(f"{up}.{label}{s}").read_bytes() for s in ("", ".line", ".hdf5"))
     print(f"tokenize  upstream per-line loop (baseline) {n / base:9.0f} lines/s")
     print(f"tokenize  vlprep, 4 shards + merge          {n / ours:9.0f} lines/s  ratio {base / ours:5.2f}  "
           f"identical files: {same}")
@@ -130,7 +130,8 @@ def bare_vokenize(prefix: str, model, tok, keys: np.ndarray, names: list[str], o
     out.write_text("".join(lines))
 
 
-def bench_vokenize(tmp: Path, prefix: str, model, tok, n_keys: int, n_lines: int) -> None:
+def bench_vokenize(tmp: Path, prefix: str, spec: str, n_keys: int, n_lines: int) -> None:
+    model, tok = matcher_for("random:0", "tiny", "cpu"), load_tokenizer(spec)  # the stage's cached matcher
     rs = np.random.RandomState(1)
     keys = rs.standard_normal((n_keys, TINY.dim)).astype(np.float32)
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
@@ -139,21 +140,17 @@ def bench_vokenize(tmp: Path, prefix: str, model, tok, n_keys: int, n_lines: int
     fmt.write_keys(str(keys_dir), "open_images", keys, [f"data/open_images/images/{i}.jpg" for i in ids], ids)
     offsets = fmt.read_offsets(prefix)
     n_lines = min(n_lines, len(offsets) - 1)
-    small = str(tmp / "vk" / "corpus.txt.tok")
+    small = str(tmp / "vk" / f"corpus.txt.{tokenizer_label(spec)}")
     lines = fmt.read_token_lines(prefix, 0, n_lines, offsets)
     fmt.write_tokens(small, [(np.array([len(x) for x in lines]), np.concatenate(lines))])
     names = [f"{i}.jpg" for i in ids]
     t = time.perf_counter()
     bare_vokenize(small, model.lang_model, tok, keys, names, tmp / "bare.txt")
     base = time.perf_counter() - t
+    settings = V.make_settings(tokens=small, keys=str(keys_dir), matcher="random:0", config="tiny", tokenizer=spec)
     t = time.perf_counter()
-    key_sets = vk.load_key_sets(str(keys_dir), ["open_images"])
-    half = (n_lines // 2 // vk.PAGE_LINES) * vk.PAGE_LINES
-    parts = []
-    for i, (a, b) in enumerate(((0, half), (half, n_lines))):
-        parts.append(str(tmp / "vk" / f"part{i}.npz"))
-        vk.vokenize_range(small, a, b, parts[-1], vk.Vokenizer(model.lang_model, tok, key_sets))
-    out = vk.merge_vokens(parts, str(tmp / "vk"), "corpus.txt", key_sets)
+    out = V.run_steps("bench", V.vokenize_steps(str(tmp / "vk"), lambda: settings, num_shards=2,
+                                                runtime=stage.Runtime(device="cpu")))
     ours = time.perf_counter() - t
     same = Path(out["vokens"]).read_text() == (tmp / "bare.txt").read_text()
     print(f"vokenize  bare BERT + faiss loop (baseline) {n_lines / base:9.0f} lines/s  ({n_keys} keys)")
@@ -178,7 +175,8 @@ def upstream_keys(model, uris: list[str], batch: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def bench_keys(tmp: Path, model, n: int, workers: int) -> None:
+def bench_keys(tmp: Path, n: int, workers: int) -> None:
+    model = matcher_for("random:0", "tiny", "cpu")
     photos = sorted(Path(sample_dir(), "images").rglob("*.jpg"))
     folder = tmp / "images"
     folder.mkdir()
@@ -189,14 +187,14 @@ def bench_keys(tmp: Path, model, n: int, workers: int) -> None:
     base_keys = upstream_keys(model.visn_model, image_set.uris, 32)
     base = time.perf_counter() - t
     print(f"keys      upstream sequential loop (baseline) {n / base:7.1f} images/s")
+    settings = V.KeySettings(images=str(folder), image_set="open_images", matcher="random:0", config="tiny",
+                             batch_size=32)
     for w in sorted({0, workers}):
+        out = str(tmp / f"keys-out-{w}")
         t = time.perf_counter()
-        part = str(tmp / f"keys-part-{w}.npz")
-        mk.extract_keys(model.visn_model, image_set, 0, n, part, transform=eval_transform(TINY), batch_size=32,
-                        num_workers=w)
-        mk.merge_keys([part], str(tmp / f"keys-out-{w}"), "open_images")
+        V.run_steps("bench", V.keys_steps(out, settings, runtime=stage.Runtime(device="cpu", num_workers=w)))
         ours = time.perf_counter() - t
-        same = np.allclose(fmt.read_keys(str(tmp / f"keys-out-{w}"), "open_images")[0], base_keys, atol=1e-5)
+        same = np.allclose(fmt.read_keys(out, "open_images")[0], base_keys, atol=1e-5)
         print(f"keys      vlprep, {w} loader workers          {n / ours:7.1f} images/s  ratio {base / ours:5.2f}  "
               f"same keys: {same}")
 
@@ -210,13 +208,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tokenizer", default=str(SHARED_TOKENIZER), help="bert-base-uncased name or folder")
     args = ap.parse_args()
-    tok = load_tokenizer(args.tokenizer)
-    model = load_matcher("random:0", TINY)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prefix = bench_tokenize(tmp, tok, args.lines)
-        bench_vokenize(tmp, prefix, model, tok, args.keys, args.vokenize_lines)
-        bench_keys(tmp, model, args.images, args.workers)
+        prefix = bench_tokenize(tmp, args.tokenizer, args.lines)
+        bench_vokenize(tmp, prefix, args.tokenizer, args.keys, args.vokenize_lines)
+        bench_keys(tmp, args.images, args.workers)
 
 
 if __name__ == "__main__":

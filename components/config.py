@@ -59,6 +59,18 @@ COMPONENTS = {
     "xlxmert_assign_plan": Resources(cpu="1", memory="2Gi"),
     "xlxmert_assign": Resources(cpu="4", memory="16Gi", gpus=1),  # target read block by block; faiss-gpu search
     "xlxmert_assign_merge": Resources(cpu="2", memory="16Gi"),  # image -> ids dict of the largest target
+    # Maria's vokenization
+    "vokens_train": Resources(cpu="32", memory="128Gi", gpus=4),  # torchrun: one process per GPU
+    "vokens_matcher": Resources(cpu="1", memory="1Gi"),
+    "vokens_tokenize_plan": Resources(cpu="1", memory="2Gi"),  # two passes over the corpus
+    "vokens_tokenize": Resources(cpu="4", memory="8Gi"),  # Rust tokenizer threads
+    "vokens_tokenize_merge": Resources(cpu="2", memory="8Gi"),
+    "vokens_keys_plan": Resources(cpu="1", memory="4Gi"),
+    "vokens_keys": Resources(cpu="8", memory="32Gi", gpus=1),  # DataLoader workers decode
+    "vokens_keys_merge": Resources(cpu="2", memory="8Gi"),
+    "vokens_plan": Resources(cpu="2", memory="8Gi"),  # hashes the key and token files
+    "vokens_vokenize": Resources(cpu="4", memory="32Gi", gpus=1),  # all keys in memory; faiss-gpu
+    "vokens_merge": Resources(cpu="2", memory="8Gi"),
 }
 
 

@@ -5,6 +5,7 @@ from vlprep_pipelines import demo as _demo
 from vlprep_pipelines.captions import captions
 from vlprep_pipelines.context import context
 from vlprep_pipelines.regions import regions
+from vlprep_pipelines.vokens import vokens
 from vlprep_pipelines.xlxmert import xlxmert
 
 PIPELINES = {
@@ -13,6 +14,7 @@ PIPELINES = {
     "demo": _demo.demo,
     "regions": regions,
     "xlxmert": xlxmert,
+    "vokens": vokens,
 }
 
 # pipeline -> function(sample_dir, run_dir) giving the parameters of a local run on the sample

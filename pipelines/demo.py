@@ -10,14 +10,16 @@ takes about 40 s per image and kind on a CPU; ``--param xlxmert_arch=full`` runs
 from kfp import dsl
 from vlprep_pipelines.context import context as context_pipeline
 from vlprep_pipelines.regions import regions
+from vlprep_pipelines.vokens import vokens as vokens_pipeline
 from vlprep_pipelines.xlxmert import xlxmert as xlxmert_pipeline
 
 
 @dsl.pipeline(name="demo", description="All vlprep workflows on one small dataset")
 def demo(  # every input path is a parameter: KFP cannot join strings for a nested pipeline's inputs
     karpathy: str, test1k_ids: str, images: str, mscoco: str, annotations: str, attributes: str, relationships: str,
-    context: str, xlxmert: str, weights: str = "random:0", clip_weights: str = "random:0", num_shards: int = 2,
-    arch: str = "full", device: str = "cpu", xlxmert_weights: str = "random:0", xlxmert_arch: str = "tiny",
+    context: str, xlxmert: str, corpus: str, vokens_images: str, tokenizer: str, vokens: str,
+    weights: str = "random:0", clip_weights: str = "random:0", num_shards: int = 2, arch: str = "full",
+    device: str = "cpu", xlxmert_weights: str = "random:0", xlxmert_arch: str = "tiny", matcher: str = "random:0",
 ):
     regions(images=images, out=mscoco, karpathy=karpathy, annotations=annotations, dataset="coco", recipe="caffe36",
             weights=weights, num_shards=num_shards, device=device, batch_size=4, num_workers=2, arch=arch,
@@ -30,6 +32,14 @@ def demo(  # every input path is a parameter: KFP cannot join strings for a nest
     xlxmert_pipeline(images=images, out=xlxmert, dataset="coco", weights=xlxmert_weights, arch=xlxmert_arch,
                      num_shards=num_shards, device=device, batch_size=4, num_workers=2, k=16, dim=0,
                      assign_shards=num_shards)
+    # a TINY matcher: random weights, or (--param matcher=) trained for 2 epochs on the sample's captions from
+    # random backbones; small blocks, batches and pages so that every step fans out
+    vokens_pipeline(corpus=corpus, images=vokens_images, image_set="coco_sample", image_root=images, out=vokens,
+                    tokenizer=tokenizer, matcher=matcher, config="tiny", key_batch=2, block_lines=16, page_lines=8,
+                    tokenize_shards=num_shards, key_shards=num_shards, vokenize_shards=num_shards, device=device,
+                    num_workers=0, train_captions=vokens_images, valid_captions=vokens_images, train_image_root=images,
+                    bert_weights="random:1", resnet_weights="random:2", epochs=2, batch_size=4, valid_batch_size=4,
+                    max_len=16, train_workers=0)
 
 
 def local_params(sample: str, run_dir: str) -> dict:
@@ -44,4 +54,8 @@ def local_params(sample: str, run_dir: str) -> dict:
         "relationships": f"{sample}/vg/relationships.json",
         "context": f"{run_dir}/xmodal_ctx",
         "xlxmert": f"{run_dir}/xlxmert",
+        "corpus": f"{sample}/vokens/valid.pkl.txt",
+        "vokens_images": f"{sample}/vokens/mscoco_sample.json",
+        "tokenizer": f"{sample}/vokens/wordpiece-sample",
+        "vokens": f"{run_dir}/vokens",
     }

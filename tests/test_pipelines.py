@@ -258,3 +258,33 @@ def test_local_driver_runs_the_pipelines_steps_in_its_order(fresh, stage_name):
     assert sorted(order) == sorted(names)
     for name, deps in order.items():
         assert all(names.index(d) < names.index(name) for d in deps if d in names), (name, deps)
+
+
+def test_vokens_steps_follow_the_pipeline_and_training_is_a_condition(fresh):
+    """`vokens` trains only without a matcher (dsl.If / dsl.Else): the local driver's first step is the branch
+    the pipeline takes, and its steps are the pipeline's components in an order the DAG allows."""
+    from vlprep.stages import vokens
+
+    spec, platform = _docs(fresh / "vokens.yaml")
+    order = {c: deps for c, deps in _after(spec["root"]["dag"], spec["components"]) if c.startswith("vokens_")}
+    seen = set()
+    for matcher, first in (("", "vokens_train"), ("random:0", "vokens_matcher")):
+        steps = vokens.steps("unused", vokens.Settings(corpus="c.txt", images="i", image_set="s", tokenizer="t",
+                                                       matcher=matcher))
+        names = [f"vokens_{s.name}" for s in steps]
+        assert names[0] == first and all(callable(getattr(vokens, s.name)) for s in steps)
+        assert all(not s.over or s.over in [t.name for t in steps[:i]] for i, s in enumerate(steps))
+        for name in names:
+            assert all(names.index(d) < names.index(name) for d in order[name] if d in names), name
+        seen |= set(names)
+    assert sorted(order) == sorted(seen)
+    branches = [t for _, t, _ in _tasks(spec["root"]["dag"], spec["components"]) if "triggerPolicy" in t]
+    assert sorted(t["triggerPolicy"]["condition"] for t in branches) == [
+        "!(inputs.parameter_values['pipelinechannel--matcher'] == '')",
+        "inputs.parameter_values['pipelinechannel--matcher'] == ''"]
+    gpus = {name: int(e["container"]["resources"]["accelerator"]["resourceCount"])
+            for name, e in spec["deploymentSpec"]["executors"].items() if "accelerator" in e["container"]["resources"]}
+    assert gpus == {"exec-vokens-train": config.COMPONENTS["vokens_train"].gpus, "exec-vokens-keys": 1,
+                    "exec-vokens-vokenize": 1}
+    tolerations = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all(tolerations[name]["tolerations"][0]["key"] == config.GPU_TYPE for name in gpus)

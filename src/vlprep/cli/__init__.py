@@ -4,6 +4,7 @@
     vlprep regions extract|lmdb|hard-negatives ...
     vlprep context phrases|run ...          (``ctx`` is an alias)
     vlprep xlxmert extract|kmeans ...
+    vlprep vokens train|tokenize|keys|vokenize ...
     vlprep run PIPELINE --local [--config FILE] [--param k=v ...] [--run-name N]
     vlprep compile [PIPELINE ...] [--out pipelines/compiled]
     vlprep submit PIPELINE --host URL [--experiment E] [--run-name N] [--param k=v ...] [--wait]
@@ -21,7 +22,7 @@ import logging
 import sys
 
 from vlprep import VlprepError
-from vlprep.cli import captions, context, regions, xlxmert
+from vlprep.cli import captions, context, regions, vokens, xlxmert
 
 PIPELINE_COMMANDS = {
     "run": "run a pipeline on this machine (kfp.local)",
@@ -36,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in PIPELINE_COMMANDS.items():  # listed for --help; main() hands them to vlprep_pipelines
         sub.add_parser(name, help=text, add_help=False)
-    for workflow in (captions, regions, context, xlxmert):
+    for workflow in (captions, regions, context, xlxmert, vokens):
         workflow.add(sub)
     from vlprep import doctor
 

@@ -82,11 +82,6 @@ def _collate(items) -> PixelBatch:
     return PixelBatch([i for i, _ in ok], pixels, failed)
 
 
-def reset_storage_in_worker(_=None) -> None:
-    """DataLoader ``worker_init_fn``: a gs:// client must not be shared across a fork, each worker makes its own."""
-    storage._client = None
-
-
 def aligned_blocks(count: int, batch_size: int, offset: int = 0) -> list[list[int]]:
     """Positions ``0..count-1`` cut where ``offset + position`` is a multiple of ``batch_size``.
 
@@ -104,5 +99,5 @@ def pixel_batches(uris: Sequence[str], transform: Callable[[Image.Image], torch.
 
     loader = DataLoader(_Pixels(uris, transform), batch_sampler=aligned_blocks(len(uris), batch_size, offset),
                         num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
-                        worker_init_fn=reset_storage_in_worker if num_workers else None)
+                        worker_init_fn=storage.reset_after_fork if num_workers else None)
     yield from loader

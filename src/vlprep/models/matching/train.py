@@ -39,7 +39,7 @@ from vlprep import VlprepError, storage
 from vlprep.data import images as imgs
 from vlprep.data.lxmert_json import Pair, jsonl_pairs, lxmert_pairs
 from vlprep.models.matching import config as cfg
-from vlprep.models.matching.images import eval_transform, read_rgb, reset_storage_in_worker, train_transform
+from vlprep.models.matching.images import eval_transform, read_rgb, train_transform
 from vlprep.models.matching.loss import sent_batchwise_recall, sent_paired_hinge_rank_loss
 from vlprep.models.matching.model import Matcher, build_matcher, maria_state_dict
 from vlprep.models.matching.tokenizer import encode_captions, load_tokenizer
@@ -147,7 +147,7 @@ def _loader(pairs, transform, collate, *, batch_size: int, sampler=None, num_wor
 
     return DataLoader(_PairData(pairs, transform), batch_size=batch_size, sampler=sampler, shuffle=False,
                       num_workers=num_workers, collate_fn=collate, pin_memory=pin, drop_last=True,
-                      worker_init_fn=reset_storage_in_worker if num_workers else None)
+                      worker_init_fn=storage.reset_after_fork if num_workers else None)
 
 
 # ---------------------------------------------------------------- processes
