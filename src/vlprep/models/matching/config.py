@@ -89,3 +89,19 @@ def get_config(config: str | Mapping | MatcherConfig) -> MatcherConfig:
         return CONFIGS[config]
     except KeyError:
         raise VlprepError(f"unknown matcher config {config!r}; use one of {', '.join(CONFIGS)}") from None
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Maria's training recipe (``vlprep.models.matching.train``); here, without torch, for the CLI."""
+
+    epochs: int = 25
+    batch_size: int = 512  # global: each of N processes takes batch_size // N
+    lr: float = 1e-3
+    margin: float = 0.5
+    grad_clip: float = 5.0
+    max_len: int = 75
+    valid_batch_size: int = 256
+    seed: int = 9595
+    num_workers: int = 8  # DataLoader workers per process
+    reshuffle_each_epoch: bool = False
