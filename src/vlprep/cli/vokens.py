@@ -77,7 +77,7 @@ def _config(p) -> None:
 
 def _train_settings(p) -> None:
     """One option per ``TrainSettings`` field, with its default."""
-    from vlprep.models.matching.train import TrainSettings
+    from vlprep.models.matching.config import TrainSettings
 
     for f in fields(TrainSettings):
         flag = "--" + f.name.replace("_", "-")
@@ -125,7 +125,7 @@ def cmd_vokenize(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from vlprep.models.matching.train import TrainSettings
+    from vlprep.models.matching.config import TrainSettings
     from vlprep.stages import vokens
 
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})

@@ -1,4 +1,4 @@
-"""Matcher architectures and the published weights they start from.
+"""Matcher architectures, the published weights they start from, and the training settings.
 
 ``maria`` is the model Maria trains (``scripts/run_xmatching.bash``): ``bert-base-uncased`` with the
 [CLS] vectors of hidden layers -4..-1 concatenated (3072) -> MLP 1024-1024-512, and torchvision
@@ -89,3 +89,20 @@ def get_config(config: str | Mapping | MatcherConfig) -> MatcherConfig:
         return CONFIGS[config]
     except KeyError:
         raise VlprepError(f"unknown matcher config {config!r}; use one of {', '.join(CONFIGS)}") from None
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Training hyper-parameters (``train.train``); here, without torch, so that the CLI (and `vlprep doctor`
+    in the captions image, which has no torch) builds its options from them."""
+
+    epochs: int = 25
+    batch_size: int = 512  # global: each of N processes takes batch_size // N
+    lr: float = 1e-3
+    margin: float = 0.5
+    grad_clip: float = 5.0
+    max_len: int = 75
+    valid_batch_size: int = 256
+    seed: int = 9595
+    num_workers: int = 8  # DataLoader workers per process
+    reshuffle_each_epoch: bool = False

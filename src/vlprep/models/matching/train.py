@@ -39,6 +39,7 @@ from vlprep import VlprepError, storage
 from vlprep.data import images as imgs
 from vlprep.data.lxmert_json import Pair, jsonl_pairs, lxmert_pairs
 from vlprep.models.matching import config as cfg
+from vlprep.models.matching.config import TrainSettings
 from vlprep.models.matching.images import eval_transform, read_rgb, train_transform
 from vlprep.models.matching.loss import sent_batchwise_recall, sent_paired_hinge_rank_loss
 from vlprep.models.matching.model import Matcher, build_matcher, maria_state_dict
@@ -49,20 +50,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT, BEST, BEST_INFO, METRICS = "checkpoint.pth", "BEST.pth", "BEST.json", "metrics.json"
 VALID_SHUFFLE_SEED = 9595
 BAD_IMAGE_STEP, BAD_IMAGE_TRIES = 95, 20
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 25
-    batch_size: int = 512  # global: each of N processes takes batch_size // N
-    lr: float = 1e-3
-    margin: float = 0.5
-    grad_clip: float = 5.0
-    max_len: int = 75
-    valid_batch_size: int = 256
-    seed: int = 9595
-    num_workers: int = 8  # DataLoader workers per process
-    reshuffle_each_epoch: bool = False
 
 
 @dataclass(frozen=True)
