@@ -56,6 +56,6 @@ def local_params(sample: str, run_dir: str) -> dict:
         "xlxmert": f"{run_dir}/xlxmert",
         "corpus": f"{sample}/vokens/valid.pkl.txt",
         "vokens_images": f"{sample}/vokens/mscoco_sample.json",
-        "tokenizer": f"{sample}/vokens/wordpiece-sample",
+        "tokenizer": f"{sample}/vokens/wordpiece-sample/vocab.txt",  # a file: a folder loads only when local
         "vokens": f"{run_dir}/vokens",
     }

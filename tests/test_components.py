@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from chains import Chain, regions_chain, xlxmert_chain
 from kfp_harness import load, run_component
 
 
@@ -45,70 +47,44 @@ def test_component_failure_is_a_failed_pod(tmp_path):
 
 
 def test_region_components_chain(tmp_path, sample):
-    import json
-
-    spec, _ = load("regions")
-    out = tmp_path / "store"
-    settings = {"images": str(sample / "images"), "image_root": "", "dataset": "coco", "recipe": "caffe36",
-                "recipe_params": {}, "weights": "random:0", "arch": "tiny", "autocast": "",
-                "formats": "volta-tsv,lxmert-tsv", "lmdb": True, "annotations": "", "vocab_objects": "",
-                "vocab_attributes": ""}
-    vals, _ = run_component(spec, "regions-plan", {**settings, "out": str(out), "num_shards": 3, "split": "group"},
-                            tmp_path / "plan")
-    assert json.loads((out / "_work" / "regions" / "plan.json").read_text())["bounds"] == [[0, 2], [2, 4], [4, 6]]
-    done = []
-    for s in vals["Output"]:
-        vals, _ = run_component(spec, "regions-extract", {"spec": s, "device": "cpu", "batch_size": 4, "num_workers": 0},
-                                tmp_path / f"x{s['index']}")
-        done.append(vals["Output"])
-    assert sum(d["images"] for d in done) == 6
-    vals, arts = run_component(spec, "regions-merge", {"shards": done, "out": str(out)}, tmp_path / "merge")
-    assert vals["Output"]["images"] == 6 and vals["Output"]["random_weights"] is True
-    html = Path(arts["report"]).read_text()
+    c = Chain("regions", tmp_path)
+    regions_chain(c, sample)
+    out = c.store
+    assert c.last("captions-merge").values["Output"]["files"]["train_ann.jsonl"] == 3
+    assert json.loads((out / "_work" / "regions" / "plan.json").read_text())["bounds"] == [[0, 3], [3, 6]]
+    assert sum(d["images"] for d in c.outputs("regions-extract")) == 6
+    merge = c.last("regions-merge")
+    assert merge.values["Output"]["images"] == 6 and merge.values["Output"]["random_weights"] is True
+    html = Path(merge.artifacts["report"]).read_text()
     assert "RANDOM weights" in html and html.count("<img src='data:image/png;base64,") == 6
     assert (out / "report.html").read_text() == html  # the same report beside the outputs as in the KFP UI
-    metrics = json.loads((tmp_path / "merge" / "executor_output.json").read_text())["artifacts"]["metrics"]
+    metrics = json.loads((merge.workdir / "executor_output.json").read_text())["artifacts"]["metrics"]
     assert metrics["artifacts"][0]["metadata"]["images"] == 6
-    vals, _ = run_component(spec, "regions-lmdb", {"merged": vals["Output"], "out": str(out)}, tmp_path / "lmdb")
-    assert vals["Output"]["lmdb"] == {str(out / "trainval_feat.lmdb"): 6}
+    assert c.last("regions-lmdb").values["Output"]["lmdb"] == {str(out / "trainval_feat.lmdb"): 6}
+    negatives = c.last("regions-hard-negatives").values["Output"]
+    assert negatives["hard_negatives"] == str(out / "hard_negative.pkl") and negatives["train_images"] == 3
 
 
 def test_xlxmert_components_chain(tmp_path, sample):
-    import json
-
-    spec, _ = load("xlxmert")
-    out = tmp_path / "store"
-    settings = {"images": str(sample / "images"), "image_root": "", "dataset": "coco", "kind": "grid8",
-                "weights": "random:0", "config": "", "arch": "tiny", "autocast": "", "imsize": 0}
-    vals, _ = run_component(spec, "xlxmert-plan", {**settings, "out": str(out), "num_shards": 2, "split": "balanced"},
-                            tmp_path / "plan")
-    specs = vals["Output"]
-    assert [s["kind"] for s in specs] == ["grid8", "grid8"]
-    done = []
-    for s in specs:
-        vals, _ = run_component(spec, "xlxmert-extract", {"spec": s, "device": "cpu", "batch_size": 2, "num_workers": 0},
-                                tmp_path / f"x{s['index']}")
-        done.append(vals["Output"])
-    assert sum(d["images"] for d in done) == 6 and not any(d["skipped"] for d in done)
-    vals, arts = run_component(spec, "xlxmert-merge", {"shards": done, "out": str(out), "kind": "grid8"}, tmp_path / "m")
-    merged = vals["Output"]
-    assert merged["names"] == {"mscoco_train": str(out / "COCO/features/maskrcnn_train_grid8.h5"),
-                               "mscoco_valid": str(out / "COCO/features/maskrcnn_valid_grid8.h5")}
-    assert Path(arts["report"]).read_text() == (out / "xlxmert_grid8_report.html").read_text()
-    metrics = json.loads((tmp_path / "m" / "executor_output.json").read_text())["artifacts"]["metrics"]
+    c = Chain("xlxmert", tmp_path)
+    xlxmert_chain(c, sample)
+    out = c.store
+    assert [s["kind"] for s in c.outputs("xlxmert-plan")[0]] == ["grid8", "grid8"]
+    grid, boxes = c.outputs("xlxmert-merge")
+    extracted = c.outputs("xlxmert-extract")
+    assert sum(d["images"] for d in extracted[:2]) == 6 and not any(d["skipped"] for d in extracted)
+    assert grid["names"] == {"mscoco_train": str(out / "COCO/features/maskrcnn_train_grid8.h5"),
+                             "mscoco_valid": str(out / "COCO/features/maskrcnn_valid_grid8.h5")}
+    merge = [s for s in c.steps if s.component == "xlxmert-merge"][0]
+    assert Path(merge.artifacts["report"]).read_text() == (out / "xlxmert_grid8_report.html").read_text()
+    metrics = json.loads((merge.workdir / "executor_output.json").read_text())["artifacts"]["metrics"]
     assert metrics["artifacts"][0]["metadata"]["images"] == 6
-    vocab = {"features": [], "src": "", "k": 8, "niter": 20, "dim": 0, "seed": 1234, "max_points_per_centroid": 256,
-             "nredo": 1, "imsize": 0, "images": "", "device": "cpu"}
-    vals, _ = run_component(spec, "xlxmert-kmeans", {"merged": merged, "out": str(out), **vocab}, tmp_path / "k")
-    trained = vals["Output"]
+    trained = c.last("xlxmert-kmeans").values["Output"]
     assert trained["vocabulary"]["dim"] == 32 and trained["skipped"] is False and trained["gpu"] is False
     assert Path(trained["centroids"]).name == "maskrcnn_mscoco_train_centroids8_iter20_d32_grid8.npy"
-    vals, _ = run_component(spec, "xlxmert-assign-plan", {"trained": trained, "out": str(out), "num_shards": 2,
-                                                          "split": "balanced"}, tmp_path / "ap")
-    assigned = [run_component(spec, "xlxmert-assign", {"spec": s, "device": "cpu"}, tmp_path / f"a{s['index']}")[0]
-                ["Output"] for s in vals["Output"]]
-    assert [a["targets"] for a in assigned] == [{"mscoco_train": 3}, {"mscoco_valid": 3}]
-    vals, arts = run_component(spec, "xlxmert-assign-merge", {"shards": assigned, "out": str(out)}, tmp_path / "am")
-    assert vals["Output"]["targets"]["mscoco_valid"] == {"images": 3, "cells": 192}
-    assert vals["Output"]["skipped_shards"] == 0
-    assert "X-LXMERT visual vocabulary" in Path(arts["report"]).read_text()
+    assert [a["targets"] for a in c.outputs("xlxmert-assign")] == [{"mscoco_train": 3}, {"mscoco_valid": 3}]
+    assigned = c.last("xlxmert-assign-merge")
+    assert assigned.values["Output"]["targets"]["mscoco_valid"] == {"images": 3, "cells": 192}
+    assert assigned.values["Output"]["skipped_shards"] == 0
+    assert "X-LXMERT visual vocabulary" in Path(assigned.artifacts["report"]).read_text()
+    assert boxes["images"] == 6 and set(boxes["names"]) == {"mscoco_train", "mscoco_valid"}

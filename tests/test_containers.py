@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-from kfp_harness import REPO, DockerRun, load, open_to_all, run_component, run_in_subprocess
+from chains import CHAINS, Chain
+from kfp_harness import REPO, DockerRun, open_to_all, run_in_subprocess
 from vlprep_components import config
 
 pytestmark = pytest.mark.containers
@@ -112,62 +113,24 @@ def health(client, image: str, test: list) -> str:
 # ---------------------------------------------------------------- each component in its image
 
 
-class Chain:
-    """Components of one compiled pipeline run in order through one runner; records every output."""
-
-    def __init__(self, pipeline: str, runner, root: Path):
-        self.spec, self.runner, self.root = load(pipeline)[0], runner, root
-        self.steps: list[tuple[str, dict, dict]] = []
-
-    def __call__(self, component: str, **params):
-        workdir = self.root / "work" / f"{len(self.steps):02d}-{component}"
-        values, artifacts = run_component(self.spec, component, params, workdir, self.runner)
-        files = {n: without_timings(Path(p).read_bytes()) for n, p in artifacts.items() if Path(p).is_file()}
-        self.steps.append((component, values, files))
-        return values.get("Output")
+# keys of the records that name where and when a run happened, not what it made: digests of settings
+# that hold the output's root (fingerprint) and of shard parts whose zip records its write time (sha256),
+# and the interpreter's package versions
+RUN_RECORD_KEYS = {"fingerprint", "sha256", "versions"}
 
 
-def region_features_chain(c: Chain, sample: Path, store: str) -> None:
-    """Every captions and regions component, as region_features chains them (tiny detector)."""
-    karpathy, ids, annotations = str(sample / "dataset_coco.json"), str(sample / "test1k_ids.txt"), f"{store}/annotations"
-    shards = c("captions-plan", karpathy=karpathy, dataset="coco", out=annotations, num_shards=2)
-    done = [c("captions-extract", spec=s, karpathy=karpathy, dataset="coco", test1k_ids=ids) for s in shards]
-    c("captions-merge", shards=done, dataset="coco", out=annotations, test1k_ids=ids)
-    shards = c("regions-plan", images=str(sample / "images"), out=store, num_shards=2, image_root="")
-    done = [c("regions-extract", spec=s, dataset="coco", recipe="caffe36", weights="random:0", device="cpu",
-              batch_size=4, num_workers=0, arch="tiny", recipe_params={}, autocast="") for s in shards]
-    merged = c("regions-merge", shards=done, out=store, dataset="coco", recipe="caffe36",
-               formats="volta-tsv,lxmert-tsv,h5", recipe_params={}, vocab_objects="", vocab_attributes="")
-    c("regions-lmdb", merged=merged, out=store, dataset="coco", recipe="caffe36")
-    c("regions-hard-negatives", merged=merged, out=store, annotations=annotations, dataset="coco")
-
-
-def crossmodal_context_chain(c: Chain, sample: Path, store: str) -> None:
-    """Every context component, as crossmodal_context chains them (tiny CLIP, exact index)."""
-    phrases = c("context-plan", attributes=str(sample / "vg/attributes.json"),
-                relationships=str(sample / "vg/relationships.json"), out=store, recipe="xmodal-ctx",
-                weights="random:0", text_weights="", model_cfg="tiny", index="flat", topk="", attribute_leak=True,
-                phrase_shards=2, image_batch=2, text_batch=32, encode_batch=256)
-    images = c("context-plan-images", phrase_shards=phrases, images=str(sample / "images"), out=store,
-               image_shards=2, image_root="")
-    encoded = [c("context-encode-phrases", spec=s, device="cpu") for s in phrases]
-    index = c("context-index", shards=encoded, out=store)
-    encoded = [c("context-encode-images", spec=s, device="cpu", num_workers=0) for s in images]
-    plan = c("context-retrieve-plan", images=encoded, index=index, out=store)
-    retrieved = [c("context-retrieve", spec=s, device="cpu") for s in plan]
-    c("context-merge", shards=retrieved, out=store)
-
-
-CHAINS = {"region_features": region_features_chain, "crossmodal_context": crossmodal_context_chain}
+def timing(key: str) -> bool:
+    """Whether a record's ``key`` holds a measured time or rate (``extract_seconds``, ``lines_per_second``)."""
+    return "seconds" in key or key.endswith("per_second")
 
 
 def comparable(value, *roots):
     """``value`` with each of ``roots`` written as <0>, <1>..., without what records where and when it
-    ran: timings (keys naming seconds) and the interpreter's package versions (done-markers keep both)."""
+    ran: timings and rates and the ``RUN_RECORD_KEYS`` (done-markers and plans keep them)."""
     if isinstance(value, dict):
         return {comparable(k, *roots): comparable(v, *roots) for k, v in value.items()
-                if "seconds" not in k and k != "versions"}
-    if isinstance(value, list):
+                if not timing(str(k)) and k not in RUN_RECORD_KEYS}
+    if isinstance(value, list | tuple):
         return [comparable(v, *roots) for v in value]
     if isinstance(value, str | bytes):
         for i, root in enumerate(roots):
@@ -181,13 +144,40 @@ def without_timings(report: bytes) -> bytes:
     return re.sub(rb"\d+(\.\d+)?%|\d+\.\d+", b"<n>", report)
 
 
+def arrays(value):
+    """``value`` with every tensor or array as (dtype, shape, bytes)."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, dict):
+        return {k: arrays(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [arrays(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        value = value.numpy(force=True)
+    if isinstance(value, np.ndarray):
+        return str(value.dtype), value.shape, value.tobytes()
+    return value
+
+
 def content(name: str, data: bytes):
     """What must be equal in a stored file: its bytes; a .json file's document; an HTML report without
-    its timings; nothing of LMDB's lock.mdb (its reader table: process state, not data)."""
+    its timings; an .npz file's arrays (its zip records when it was written); a torch checkpoint's
+    objects (its training history holds timings); nothing of LMDB's lock.mdb (its reader table:
+    process state, not data)."""
     if name.endswith("lock.mdb"):
         return None
     if name.endswith(".json"):
         return json.loads(data)
+    if name.endswith(".npz"):
+        import numpy as np
+
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: arrays(npz[k]) for k in npz.files}
+    if name.endswith(".pth"):
+        import torch
+
+        return arrays(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     return without_timings(data) if name.endswith(".html") else data
 
 
@@ -196,29 +186,33 @@ def tree(root: Path) -> dict:
     return {str(p.relative_to(root)): content(p.name, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def step_files(step) -> dict:
+    """{artifact name: content without timings} of the files a step's artifacts name."""
+    return {n: without_timings(Path(p).read_bytes()) for n, p in step.artifacts.items() if Path(p).is_file()}
+
+
 @pytest.mark.parametrize("pipeline", sorted(CHAINS))
 def test_each_component_in_its_image_equals_the_subprocess_run(pipeline, tmp_path, sample, stage_images):
     """Same compiled command, same executor input: the image gives what this interpreter gives."""
-    runs = {}
+    chains = {}
     for name, runner in (("subprocess", run_in_subprocess),
                          ("docker", DockerRun(writable=[tmp_path / "docker"], readonly=[sample]))):
-        root = tmp_path / name
-        chain = Chain(pipeline, runner, root)
-        CHAINS[pipeline](chain, sample, str(root / "store"))
-        runs[name] = (root, chain.steps)
-    (sub_root, sub_steps), (docker_root, docker_steps) = runs["subprocess"], runs["docker"]
-    assert [s[0] for s in docker_steps] == [s[0] for s in sub_steps]
-    for (component, values, files), (_, sub_values, sub_files) in zip(docker_steps, sub_steps, strict=True):
-        assert comparable(values, docker_root) == comparable(sub_values, sub_root), component
-        assert comparable(files, docker_root) == comparable(sub_files, sub_root), component
-    ours, theirs = tree(docker_root / "store"), tree(sub_root / "store")
+        chains[name] = Chain(pipeline, tmp_path / name, runner)
+        CHAINS[pipeline](chains[name], sample)
+    sub, docker = chains["subprocess"], chains["docker"]
+    assert [s.component for s in docker.steps] == [s.component for s in sub.steps]
+    for ours, theirs in zip(docker.steps, sub.steps, strict=True):
+        assert comparable(ours.values, docker.root) == comparable(theirs.values, sub.root), ours.component
+        assert comparable(step_files(ours), docker.root) == comparable(step_files(theirs), sub.root), ours.component
+    ours, theirs = tree(docker.store), tree(sub.store)
     assert sorted(ours) == sorted(theirs)
-    differ = [name for name in ours if comparable(ours[name], docker_root) != comparable(theirs[name], sub_root)]
+    differ = [name for name in ours if comparable(ours[name], docker.root) != comparable(theirs[name], sub.root)]
     assert differ == []
 
 
 def test_an_image_missing_a_dependency_fails_its_component(tmp_path, sample, stage_images, docker_client):
-    """A regions image without h5py: the components that do not need it run, regions-merge fails."""
+    """A regions image without h5py: plan and extract (which do not need it) run, a merge asked for the
+    .h5 file fails naming the module; the real image merges the same shards."""
     broken = "vlprep-test/regions-without-h5py:broken"
     dockerfile = f"FROM {stage_images['regions']}\nUSER root\nRUN pip uninstall -y h5py\nUSER 1000:1000\n"
     docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=broken, rm=True)
@@ -228,20 +222,16 @@ def test_an_image_missing_a_dependency_fails_its_component(tmp_path, sample, sta
         def in_broken_image(image, command, args):
             return real(broken, command, args)
 
-        spec, store = load("region_features")[0], str(tmp_path / "store")
-        shards, _ = run_component(spec, "regions-plan", {"images": str(sample / "images"), "out": store,
-                                                          "num_shards": 1, "image_root": ""},
-                                  tmp_path / "plan", in_broken_image)
-        done, _ = run_component(spec, "regions-extract", {
-            "spec": shards["Output"][0], "dataset": "coco", "recipe": "caffe36", "weights": "random:0",
-            "device": "cpu", "batch_size": 4, "num_workers": 0, "arch": "tiny", "recipe_params": {},
-            "autocast": ""}, tmp_path / "extract", in_broken_image)
-        merge = {"shards": [done["Output"]], "out": store, "dataset": "coco", "recipe": "caffe36",
-                 "formats": "volta-tsv", "recipe_params": {}, "vocab_objects": "", "vocab_attributes": ""}
+        c = Chain("regions", tmp_path, in_broken_image)
+        shards = c("regions-plan", images=str(sample / "images"), image_root="", dataset="coco", recipe="caffe36",
+                   recipe_params={}, weights="random:0", arch="tiny", autocast="", formats="volta-tsv,h5",
+                   lmdb=False, annotations="", vocab_objects="", vocab_attributes="", out=str(c.store),
+                   num_shards=1, split="balanced")
+        done = [c("regions-extract", spec=s, device="cpu", batch_size=4, num_workers=0) for s in shards]
         with pytest.raises(AssertionError, match="ModuleNotFoundError: No module named 'h5py'"):
-            run_component(spec, "regions-merge", merge, tmp_path / "merge-broken", in_broken_image)
-        values, _ = run_component(spec, "regions-merge", merge, tmp_path / "merge", real)
-        assert values["Output"]["images"] == 6
+            c("regions-merge", shards=done, out=str(c.store))
+        c.runner = real
+        assert c("regions-merge", shards=done, out=str(c.store))["images"] == 6
     finally:
         docker_client.images.remove(broken, force=True)
 
@@ -287,7 +277,9 @@ def test_demo_in_docker_on_gcs_equals_subprocess_on_local(tmp_path, sample, gcs,
                  for uri in storage.list_prefix(f"{gcs}/run")}
     assert sorted(gcs_files) == sorted(local_files)
     assert {"mscoco/trainval_feat.lmdb/data.mdb", "mscoco/hard_negative.pkl", "xmodal_ctx/image_features/vis_ctx.hdf5",
-            "mscoco/annotations/train_ann.jsonl"} <= set(local_files)
+            "mscoco/annotations/train_ann.jsonl", "xlxmert/COCO/features/maskrcnn_valid_boxes36.h5",
+            "xlxmert/clustering/maskrcnn_mscoco_train_centroids16_iter20_d32_grid8.npy",
+            "vokens/vokens/valid.pkl.txt.coco_sample.6"} <= set(local_files)
     # the outputs: the same content, where they name a file, gs:// there and a local path here; the
     # _work records also hold digests of those names: they are compared by name only, above
     outputs = [n for n in local_files if "/_work/" not in f"/{n}"]

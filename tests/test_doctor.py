@@ -41,8 +41,8 @@ def test_cli_doctor_and_captions_need_no_torch(tmp_path, sample):
         "vlprep.cli.parser()\n"
         "assert 'torch' not in sys.modules, 'imported torch'\n"
         "sys.modules['torch'] = None\n"
-        "from vlprep.stages.captions import Settings, run\n"
-        f"run({str(tmp_path)!r}, Settings(karpathy={str(sample / 'dataset_coco.json')!r}, dataset='coco'))\n"
+        "from vlprep.stages import captions\n"
+        f"captions.run({str(tmp_path)!r}, captions.Settings(karpathy={str(sample / 'dataset_coco.json')!r}))\n"
         "sys.exit(vlprep.cli.main(['doctor']))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -2,7 +2,7 @@
 
 Upstream: jokieleung/Maria ``retrieval_model/`` (a fork of airsplay/vokenization), read at 51ac07d.
 
-- ``config``     architectures (Maria's full size, a tiny one for tests) and published weight names
+- ``config``     architectures (Maria's full size, a tiny one for tests) and published weight names; training settings
 - ``model``      BERT [CLS] of the last four layers -> MLP, ResNeXt -> MLP; Maria's ``BEST.pth`` layout
 - ``tokenizer``  the BERT tokenizer (HF name, folder or vocab file) and caption encoding for training
 - ``images``     image decoding and Maria's train / eval transforms, a batch loader over image URIs

@@ -1,4 +1,4 @@
-"""Matcher architectures and the published weights they start from.
+"""Matcher architectures, the published weights they start from, and the training settings.
 
 ``maria`` is the model Maria trains (``scripts/run_xmatching.bash``): ``bert-base-uncased`` with the
 [CLS] vectors of hidden layers -4..-1 concatenated (3072) -> MLP 1024-1024-512, and torchvision
@@ -93,7 +93,8 @@ def get_config(config: str | Mapping | MatcherConfig) -> MatcherConfig:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Maria's training recipe (``vlprep.models.matching.train``); here, without torch, for the CLI."""
+    """Training hyper-parameters (``train.train``); here, without torch, so that the CLI (and `vlprep doctor`
+    in the captions image, which has no torch) builds its options from them."""
 
     epochs: int = 25
     batch_size: int = 512  # global: each of N processes takes batch_size // N
