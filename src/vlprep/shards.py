@@ -185,7 +185,7 @@ _PART_FIELDS = {"name": str, "bytes": int, "sha256": str}
 
 
 def _well_formed(marker) -> bool:
-    """A dict whose ``parts`` are ``{"name", "bytes", "sha256"}`` (name a plain file name) and whose
+    """A dict whose ``parts`` are ``{"name", "bytes", "sha256"}`` (name a path inside the shard folder) and whose
     ``failed`` is a list: what :func:`verify`, ``collect`` and the merges read from it."""
     if not isinstance(marker, dict) or not isinstance(marker.get("parts", []), list):
         return False
@@ -194,7 +194,7 @@ def _well_formed(marker) -> bool:
     for part in marker.get("parts", []):
         if not isinstance(part, dict) or any(not isinstance(part.get(k), t) for k, t in _PART_FIELDS.items()):
             return False
-        if "/" in part["name"] or part["name"] in ("", ".", ".."):
+        if not part["name"] or part["name"].startswith("/") or ".." in part["name"].split("/"):
             return False
     return True
 
