@@ -165,8 +165,10 @@ def verify(shard: Shard, deep: bool = True) -> dict | None:
     """
     try:
         marker = json.loads(storage.read_text(shard.marker))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError):  # missing, not JSON, not UTF-8
         return None
+    if not _well_formed(marker):
+        return None  # a marker of another shape (cut, edited, another version) is not done: redo the shard
     if (marker.get("digest") != shard.digest or marker.get("items") != len(shard.items)
             or marker.get("fingerprint", "") != shard.fingerprint):
         return None
@@ -177,6 +179,24 @@ def verify(shard: Shard, deep: bool = True) -> dict | None:
         if deep and storage.sha256(uri) != part["sha256"]:
             return None
     return marker
+
+
+_PART_FIELDS = {"name": str, "bytes": int, "sha256": str}
+
+
+def _well_formed(marker) -> bool:
+    """A dict whose ``parts`` are ``{"name", "bytes", "sha256"}`` (name a path inside the shard folder) and whose
+    ``failed`` is a list: what :func:`verify`, ``collect`` and the merges read from it."""
+    if not isinstance(marker, dict) or not isinstance(marker.get("parts", []), list):
+        return False
+    if not isinstance(marker.get("failed", []), list):
+        return False
+    for part in marker.get("parts", []):
+        if not isinstance(part, dict) or any(not isinstance(part.get(k), t) for k, t in _PART_FIELDS.items()):
+            return False
+        if not part["name"] or part["name"].startswith("/") or ".." in part["name"].split("/"):
+            return False
+    return True
 
 
 def run_shard(spec: dict, work: Callable[[Shard], dict], stage: str, params: dict | None = None) -> dict:

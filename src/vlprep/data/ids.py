@@ -12,14 +12,19 @@
 | :func:`key_order`: ints by value, then names by code point | | context merge order |
 | :func:`split_of`: the folder an image is in | ``val2014`` | region TSV per split, LMDB groups |
 
+:func:`refuse_shared_ids` stops a plan when two images would get one id in an output (``X.jpg`` and
+``X.png``): one would silently replace the other.
+
 Upstream's Maria ("{set}/{id}") and X-LXMERT (file stems) rules belong here too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import PurePosixPath
 
 from vlprep import VlprepError
+from vlprep.data.image_paths import few
 
 DATASETS = ("coco", "flickr30k")
 
@@ -82,3 +87,21 @@ def entry_name(image_id: int | str) -> str:
             raise VlprepError(f"{image_id!r} cannot name an HDF5 entry")
         return image_id
     return str(int(image_id))
+
+
+def refuse_shared_ids(uris: Sequence[str], id_of: Callable[[str], Hashable], keyed: str) -> None:
+    """One error listing every image whose id (``id_of``) an earlier image already has, with both files.
+
+    ``keyed`` says which output is keyed that way (e.g. "the region TSVs are keyed by split and file stem")."""
+    first: dict = {}
+    clashes = []
+    for uri in uris:
+        key = id_of(uri)
+        if key in first:
+            clashes.append(f"{first[key]} and {uri} (image id {key!r})")
+        else:
+            first[key] = uri
+    if clashes:
+        raise VlprepError(
+            f"{len(clashes)} image(s) have the same image id as another ({keyed}): {few(clashes)}; one would replace the "
+            "other in the outputs. Remove one of each pair, or pass a list file (.txt) naming the images to use")

@@ -3,10 +3,15 @@
 A source is one of:
 - a directory or gs:// prefix: every image file under it (``.jpg .jpeg .png``), e.g. a COCO root with
   ``train2014/ val2014/ test2015/`` or a Flickr30k ``images/`` folder;
-- a list file (``.txt``): one path per line, relative to the list's folder unless absolute/URI;
-- a Karpathy split file (``.json``): ``filepath/filename`` of every entry, relative to ``image_root``.
+- a list file (``.txt``): one path per line, relative to ``image_root`` (default: the list's folder) unless
+  absolute or a URI (kept as they are: the list names their place);
+- a Karpathy split file (``.json``): ``filepath/filename`` of every entry, relative to ``image_root``
+  (default: the file's folder).
 
-Items are URIs, sorted (upstream used unsorted ``os.listdir``).
+Items are URIs, sorted (upstream used unsorted ``os.listdir``). A relative path that leaves its root
+(``../``, an absolute ``filepath``) and a path listed twice refuse the run before anything is opened;
+symlink loops, dangling links and file names that are not UTF-8 are listed and fail when read, with
+the reason (``vlprep.data.image_paths``).
 
 Decoding never crashes a shard: an undecodable file (corrupt, truncated, zero bytes, not an image)
 raises ``BadImage`` which callers record as a failed item; grayscale, CMYK, palette and
@@ -26,6 +31,8 @@ Which OpenCV the original Caffe BUTD images ran is not known; the Caffe recipes 
 from __future__ import annotations
 
 import io
+import json
+import os
 import warnings
 from pathlib import PurePosixPath
 
@@ -33,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlprep import VlprepError, storage
+from vlprep.data import image_paths
 
 EXTS = (".jpg", ".jpeg", ".png")
 _EXT_OF = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",)}
@@ -43,30 +51,91 @@ class BadImage(Exception):
     """An image file that cannot be decoded; the message says why."""
 
 
-def _rel(base: str, path: str) -> str:
-    if storage.is_remote(path) or path.startswith("/"):
-        return path
-    return storage.join(storage.parent(base), path)
-
-
 def list_images(source: str, image_root: str = "") -> list[str]:
+    """Sorted image URIs of a folder / prefix, a list file or a Karpathy file (see the module doc).
+
+    Paths from a file stay under their root (``image_root``, else the file's folder) and each image is
+    named once: an escaping or repeated path refuses the run, naming the entries, before any is opened."""
     source = str(source)
     if source.endswith(".json"):
-        import json
-
-        doc = json.loads(storage.read_text(source))
-        root = image_root or storage.parent(source)
-        try:
-            items = [storage.join(root, e.get("filepath", ""), e["filename"]) for e in doc["images"]]
-        except (KeyError, TypeError) as e:
-            raise VlprepError(f"{source}: not a Karpathy split file (missing {e}); pass an image folder instead") from None
-    elif source.endswith(".txt"):
-        items = [_rel(source, line.strip()) for line in storage.read_text(source).splitlines() if line.strip()]
-    else:
+        return sorted(_resolve(source, image_root or storage.parent(source), _karpathy_paths(source)))
+    if source.endswith(".txt"):
+        return sorted(_resolve(source, image_root or storage.parent(source), _list_lines(source)))
+    if storage.is_remote(source):
         items = [p for p in storage.list_prefix(source) if p.lower().endswith(EXTS)]
-        if not items:
-            raise VlprepError(f"{source}: no .jpg/.jpeg/.png files found; pass an image folder, list or Karpathy file")
-    return sorted(set(items))
+    else:
+        items = image_paths.walk_local(source, EXTS)
+    if not items:
+        raise VlprepError(f"{source}: no .jpg/.jpeg/.png files found; pass an image folder, list or Karpathy file")
+    return sorted(items)
+
+
+def _karpathy_paths(source: str) -> list[tuple[str, str, bool]]:
+    """``(entry label, path below the root, False)`` of every entry of a Karpathy split file."""
+    try:
+        doc = json.loads(storage.read_text(source))
+    except FileNotFoundError:
+        raise VlprepError(f"{source}: no such file; pass a Karpathy split file, a list file or an image folder") from None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise VlprepError(f"{source}: not a Karpathy split file ({str(e)[:120]}); re-download it") from None
+    entries = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise VlprepError(f"{source}: not a Karpathy split file (no 'images' list); pass an image folder instead")
+    out = []
+    for i, e in enumerate(entries):
+        path, name = (e.get("filepath", ""), e.get("filename")) if isinstance(e, dict) else (None, None)
+        if not isinstance(path, str) or not isinstance(name, str) or not name:
+            raise VlprepError(f"{source}: not a Karpathy split file (images[{i}] needs a string 'filename' and "
+                              "optional 'filepath'); pass an image folder instead")
+        out.append((f"images[{i}]", image_paths.relative(path, name), False))
+    return out
+
+
+def _list_lines(source: str) -> list[tuple[str, str, bool]]:
+    """``(line label, path, absolute)`` of every non-blank line: an absolute path or a URI names its own
+    place (kept as it is), any other line is below the root."""
+    out = []
+    for n, line in enumerate(storage.read_text(source).splitlines(), 1):
+        path = line.strip()
+        if path:
+            out.append((f"line {n}", path, path.startswith("/") or storage.is_remote(path)))
+    return out
+
+
+def _resolve(source: str, root: str, named: list[tuple[str, str, bool]]) -> list[str]:
+    """The URIs of ``(label, path, absolute)`` entries (relative ones below ``root``); refuses escaping or
+    repeated paths."""
+    uris, escaping, first, repeated = [], [], {}, []
+    for label, path, absolute in named:
+        if absolute:
+            uri = path if storage.is_remote(path) else os.path.normpath(path)
+        else:
+            uri = image_paths.confine(root, path)
+        if uri is None:
+            escaping.append(f"{label} {path!r}")
+        elif uri in first:
+            repeated.append(f"{first[uri]} and {label} ({uri})")
+        else:
+            first[uri] = label
+            uris.append(uri)
+    if escaping:
+        raise VlprepError(
+            f"{source}: {len(escaping)} image path(s) leave the image root {root}: {image_paths.few(escaping)}; "
+            "paths in this file must be relative and stay under the root (fix or drop those entries, or set "
+            "the root with --image-root); nothing was opened")
+    if repeated:
+        raise VlprepError(f"{source}: {len(repeated)} image(s) listed twice: {image_paths.few(repeated)}; each image "
+                          "must appear once, drop the repeated entries")
+    return uris
+
+
+def read_image(uri: str) -> bytes:
+    """The encoded bytes of an image; a file that cannot be read raises :class:`BadImage` saying why
+    (no such file, a dangling link, a symlink loop, a name that is not UTF-8)."""
+    try:
+        return storage.read_bytes(uri)
+    except OSError as e:  # FileNotFoundError included
+        raise BadImage(image_paths.why_unreadable(uri, e)) from None
 
 
 def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:

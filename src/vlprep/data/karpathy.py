@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from vlprep import VlprepError, storage
 from vlprep.data.ids import DATASETS
+from vlprep.data.image_paths import few
 
 SPLITS = ("train", "restval", "val", "test")
 
@@ -49,31 +50,55 @@ def load(uri: str, dataset: str) -> list[Entry]:
         raise VlprepError(f"{uri}: not valid JSON ({e}); re-download the Karpathy split file") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise _bad(uri, "top level", "missing key 'images' (a list)")
-    out = []
-    for i, e in enumerate(doc["images"]):
-        where = f"images[{i}]"
-        if not isinstance(e, dict):
-            raise _bad(uri, where, "is not an object")
-        for key in ("split", "filename", "sentences") + (("cocoid",) if dataset == "coco" else ()):
-            if key not in e:
-                raise _bad(uri, where, f"missing key {key!r}")
-        if e["split"] not in SPLITS:
-            raise _bad(uri, f"{where}.split", f"unknown split {e['split']!r} (expected one of {', '.join(SPLITS)})")
-        if not isinstance(e["filename"], str) or not e["filename"]:
-            raise _bad(uri, f"{where}.filename", "must be a non-empty string")
-        if dataset == "coco" and (not isinstance(e["cocoid"], int) or isinstance(e["cocoid"], bool)):
-            raise _bad(uri, f"{where}.cocoid", f"must be an integer (got {e['cocoid']!r})")
-        if not isinstance(e["sentences"], list):
-            raise _bad(uri, f"{where}.sentences", "must be a list")
-        sentences = []
-        for j, s in enumerate(e["sentences"]):
-            if not isinstance(s, dict) or "raw" not in s:
-                raise _bad(uri, f"{where}.sentences[{j}]", "missing key 'raw'")
-            if not isinstance(s["raw"], str):
-                raise _bad(uri, f"{where}.sentences[{j}].raw", "must be a string")
-            sentences.append(s["raw"])
-        out.append(Entry(i, e["split"], e["filename"], tuple(sentences), e.get("cocoid") if dataset == "coco" else None))
+    out = [_entry(uri, i, e, dataset) for i, e in enumerate(doc["images"])]
+    _refuse_repeats(uri, out, dataset)
     return out
+
+
+def _entry(uri: str, i: int, e, dataset: str) -> Entry:
+    where = f"images[{i}]"
+    if not isinstance(e, dict):
+        raise _bad(uri, where, "is not an object")
+    if dataset == "flickr30k" and "cocoid" in e:
+        raise VlprepError(f"{uri}: {where} has a 'cocoid': this is a COCO Karpathy file; use dataset coco "
+                          "(--dataset coco), or pass dataset_flickr30k.json")
+    for key in ("split", "filename", "sentences") + (("cocoid",) if dataset == "coco" else ()):
+        if key not in e:
+            hint = " (a Flickr30k file? use dataset flickr30k)" if key == "cocoid" else ""
+            raise _bad(uri, where, f"missing key {key!r}{hint}")
+    if e["split"] not in SPLITS:
+        raise _bad(uri, f"{where}.split", f"unknown split {e['split']!r} (expected one of {', '.join(SPLITS)})")
+    if not isinstance(e["filename"], str) or not e["filename"]:
+        raise _bad(uri, f"{where}.filename", "must be a non-empty string")
+    if dataset == "coco" and (not isinstance(e["cocoid"], int) or isinstance(e["cocoid"], bool)):
+        raise _bad(uri, f"{where}.cocoid", f"must be an integer (got {e['cocoid']!r})")
+    if not isinstance(e["sentences"], list):
+        raise _bad(uri, f"{where}.sentences", "must be a list")
+    sentences = []
+    for j, s in enumerate(e["sentences"]):
+        if not isinstance(s, dict) or "raw" not in s:
+            raise _bad(uri, f"{where}.sentences[{j}]", "missing key 'raw'")
+        if not isinstance(s["raw"], str):
+            raise _bad(uri, f"{where}.sentences[{j}].raw", "must be a string")
+        sentences.append(s["raw"])
+    return Entry(i, e["split"], e["filename"], tuple(sentences), e["cocoid"] if dataset == "coco" else None)
+
+
+def _refuse_repeats(uri: str, entries: list[Entry], dataset: str) -> None:
+    """An image id (COCO cocoid, Flickr30k stem) or a file name given twice would write two rows for one image."""
+    first: dict = {}
+    repeats = []
+    for e in entries:
+        keys = [("cocoid", e.cocoid), ("filename", e.filename)] if dataset == "coco" else [("image id", e.stem)]
+        for what, key in keys:
+            if (what, key) in first:
+                repeats.append(f"images[{first[what, key]}] and images[{e.index}] ({what} {key!r})")
+                break
+        for what, key in keys:
+            first.setdefault((what, key), e.index)
+    if repeats:
+        raise VlprepError(f"{uri}: {len(repeats)} image(s) listed twice: {few(repeats)}; each image must appear once "
+                          "(drop the repeated entries, or use the original Karpathy split file)")
 
 
 def read_ids(uri: str) -> list[int]:

@@ -41,8 +41,8 @@ class ImageDataset:
         uri = self.uris[i]
         try:
             decode = imgs.decode_rgb if self.rgb else imgs.decode_bgr
-            image, note = decode(storage.read_bytes(uri), uri, exif=self.exif)
-        except (imgs.BadImage, OSError) as e:  # FileNotFoundError included
+            image, note = decode(imgs.read_image(uri), uri, exif=self.exif)
+        except imgs.BadImage as e:  # unreadable (missing, a dangling link, ...) or undecodable
             return i, None, "", None, str(e)
         size = (image.shape[1], image.shape[0])
         return i, (self.transform(image) if self.transform else image), note, size, None

@@ -389,7 +389,10 @@ class TsvFeatureReader(_ReaderBase):
         super().__init__(**options)
         self.path = os.fspath(path)
         set_field_size_limit()
-        self._file = open(self.path, "rb")
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as e:
+            raise VlprepError(f"{self.path}: cannot read the TSV ({e.strerror}); check the path") from None
         offset = 0
         for line in self._file:
             if line.strip():
@@ -410,11 +413,15 @@ class TsvFeatureReader(_ReaderBase):
     def item(self, image_id) -> dict:
         """The raw row: field -> str."""
         self._file.seek(self._index[self._key(image_id)])
-        line = self._file.readline().decode()
-        if '"' in line:
-            values = next(csv.reader(io.StringIO(line), delimiter="\t"))
-        else:
-            values = line.rstrip("\r\n").split("\t")
+        try:
+            line = self._file.readline().decode()
+            if '"' in line:
+                values = next(csv.reader(io.StringIO(line), delimiter="\t"))
+            else:
+                values = line.rstrip("\r\n").split("\t")
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise VlprepError(f"{self.path}: the line of image {image_id!r} is corrupt ({type(e).__name__}); "
+                              "re-run the extraction") from None
         if len(values) < len(LXMERT_FIELDS):
             raise VlprepError(
                 f"{self.path}: the line of image {image_id!r} has {len(values)} fields; the file is truncated"

@@ -180,20 +180,24 @@ def iter_rows(
     """
     fields = _check_fields(fields)
     set_field_size_limit()
-    n = len(fields)
-    for number, line in enumerate(stream, start=1):
-        if '"' in line:  # csv reads on into following lines while a quoted field is open
-            values = next(csv.reader(itertools.chain([line], stream), delimiter="\t"))
-        else:
-            values = line.rstrip("\r\n").split("\t")
-        if values == [""]:
-            continue  # a blank line: DictReader skips it too
-        if len(values) < n:
-            raise VlprepError(
-                f"{name}: row {number} has {len(values)} fields, expected {n}; the file is truncated or "
-                "not a region-feature TSV (re-run the extraction for that image)"
-            )
-        yield dict(zip(fields, values[:n], strict=True))
+    n, number = len(fields), 0
+    try:
+        for number, line in enumerate(stream, start=1):
+            if '"' in line:  # csv reads on into following lines while a quoted field is open
+                values = next(csv.reader(itertools.chain([line], stream), delimiter="\t"))
+            else:
+                values = line.rstrip("\r\n").split("\t")
+            if values == [""]:
+                continue  # a blank line: DictReader skips it too
+            if len(values) < n:
+                raise VlprepError(
+                    f"{name}: row {number} has {len(values)} fields, expected {n}; the file is truncated or "
+                    "not a region-feature TSV (re-run the extraction for that image)"
+                )
+            yield dict(zip(fields, values[:n], strict=True))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise VlprepError(f"{name}: row {number + 1} is not TSV text ({type(e).__name__}: {str(e)[:100]}); the file is "
+                          "corrupt or not a region-feature TSV (re-run the extraction)") from None
 
 
 def decode_row(row: Mapping[str, str], keys: Iterable[str] | None = None) -> dict:
@@ -203,7 +207,11 @@ def decode_row(row: Mapping[str, str], keys: Iterable[str] | None = None) -> dic
     Arrays are read-only views of the decoded bytes (LXMERT's reader makes them read-only too).
     """
     wanted = None if keys is None else set(keys)
-    out = {"img_id": row["img_id"], **{f: int(row[f]) for f in _INT_FIELDS}}
+    try:
+        out = {"img_id": row["img_id"], **{f: int(row[f]) for f in _INT_FIELDS}}
+    except ValueError:
+        bad = next(f for f in _INT_FIELDS if not row[f].strip().lstrip("-").isdigit())
+        raise VlprepError(f"image {row['img_id']}: field {bad} is {row[bad][:40]!r}, not an integer") from None
     n = out["num_boxes"]
     for field, (key, dtype, rest) in ARRAY_FIELDS.items():
         if field == "classes" or field not in row or (wanted is not None and key not in wanted):
@@ -223,11 +231,23 @@ def read_tsv(
     raw: bool = False,
     keys: Iterable[str] | None = None,
 ) -> Iterator[dict]:
-    """Stream a local TSV file: decoded records, or raw str rows with ``raw=True``."""
+    """Stream a local TSV file: decoded records, or raw str rows with ``raw=True``. Anything unreadable
+    (missing, not UTF-8 text, short rows, bad numbers or base64) is one ``VlprepError`` naming the file."""
     keys = None if keys is None else tuple(keys)
-    with open(path, newline="", encoding="utf-8") as f:
+    try:
+        f = open(path, newline="", encoding="utf-8")
+    except OSError as e:
+        raise VlprepError(f"{path}: cannot read the TSV ({e.strerror}); check the path") from None
+    with f:
         for row in iter_rows(f, fields, name=str(path)):
-            yield row if raw else decode_row(row, keys)
+            if raw:
+                yield row
+                continue
+            try:
+                record = decode_row(row, keys)
+            except VlprepError as e:
+                raise VlprepError(f"{path}: {e}") from None
+            yield record
 
 
 @contextlib.contextmanager

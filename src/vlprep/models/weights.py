@@ -218,6 +218,14 @@ def _is_torch_file(path: Path) -> bool:
     return head.startswith(_TORCH_ZIP) or head == _TORCH_LEGACY
 
 
+def _refusal(e: Exception) -> str:
+    """What torch refused (e.g. "unsupported GLOBAL posix.system"), without its advice to load the file
+    with ``weights_only=False``, which would run whatever the file holds."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    kept = [x for x in lines if "weights_only" not in x and "Weights only load failed" not in x]
+    return (kept[0] if kept else type(e).__name__).rstrip(".")
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray | Any], str]:
     """Read a checkpoint file into (name -> array or tensor, layout).
 
@@ -234,8 +242,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray | Any], str]
             try:
                 data = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise VlprepError(f"{path}: refused by torch.load(weights_only=True): {first}") from None
+                raise VlprepError(f"{path}: refused by torch.load(weights_only=True): {_refusal(e)}. This file "
+                                  "may only hold tensors and plain containers; do not load it by other means "
+                                  "unless you trust where it came from") from None
         if isinstance(data, dict) and isinstance(data.get("model"), dict):
             data = data["model"]
         return _check_mapping(data, path), "torch"

@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from vlprep import VlprepError, stage
+from vlprep import stage
 from vlprep.data import ids
 from vlprep.data import images as imgs
 from vlprep.data.loader import ImageDataset, image_loader
@@ -26,13 +26,8 @@ def plan_images(out: str, *, num_shards: int = 1, split: str = "balanced") -> li
     work = STAGE.open(out)
     settings = work.settings()
     uris = imgs.list_images(settings.images, settings.image_root)
-    seen: dict = {}
-    for uri in uris:
-        key = ids.context_key(uri)
-        if key in seen:
-            raise VlprepError(f"{seen[key]} and {uri} have the same image id {key!r}; the context files are keyed "
-                              "by id, so give one of them (e.g. one COCO split folder at a time)")
-        seen[key] = uri
+    ids.refuse_shared_ids(uris, ids.context_key, "the context files are keyed by the number after the last '_' "
+                          "of the file stem, else the stem; give e.g. one COCO split folder at a time")
     b = settings.image_batch
     items = [uris[i:i + b] for i in range(0, len(uris), b)]
     return work.plan(items, num_shards=num_shards, split=split, step="images",

@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 
-from vlprep import stage
+from vlprep import VlprepError, stage
+from vlprep.data import ids
 from vlprep.data import images as imgs
 from vlprep.data.loader import ImageDataset, image_loader
-from vlprep.stages.regions.settings import STAGE, Settings, box_range
+from vlprep.stages.regions.settings import STAGE, Settings, box_range, lmdb_name
 
 log = logging.getLogger("vlprep.regions")
 
@@ -27,7 +28,25 @@ def plan(out: str, settings: Settings, *, num_shards: int = 1, split: str = "bal
     """Sorted image list (a COCO root with split folders, a Flickr30k folder, a list file or a Karpathy
     file) split into shards; the settings are recorded for every later step."""
     items = imgs.list_images(settings.check().images, settings.image_root)
+    refuse_shared_ids(items, settings)
     return STAGE.start(out, settings).plan(items, num_shards=num_shards, split=split)
+
+
+def refuse_shared_ids(items: list[str], settings: Settings) -> None:
+    """Two images that one TSV row (folder + VOLTA id) or one LMDB key would hold refuse the plan: the
+    merge would otherwise keep one of them silently."""
+    dataset = settings.dataset
+    ids.refuse_shared_ids(items, lambda u: (ids.split_of(u), ids.volta_id(u, dataset)),
+                          "a region TSV row is keyed by the image's folder and file stem")
+    if settings.lmdb and "volta-tsv" in settings.wanted_formats:
+
+        def lmdb_entry(uri: str):
+            try:
+                return lmdb_name(ids.split_of(uri), dataset), ids.lmdb_key(ids.volta_id(uri, dataset), dataset)
+            except VlprepError:  # no LMDB key (not a COCO name): the LMDB build names the image
+                return uri
+
+        ids.refuse_shared_ids(items, lmdb_entry, f"the {dataset} LMDB is keyed by the image number")
 
 
 def detector_for(settings: Settings, runtime: stage.Runtime):
