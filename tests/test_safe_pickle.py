@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -62,3 +65,22 @@ def test_gzipped_file_and_missing_file(tmp_path):
     np.testing.assert_array_equal(safe_pickle.load_file(path)["w"], np.ones(3, np.float32))
     with pytest.raises(VlprepError, match="missing.pkl: cannot read"):
         safe_pickle.load_file(tmp_path / "missing.pkl")
+
+
+@pytest.mark.parametrize("opcode", [b"\x8e", b"\x96", b"\x8d"])  # BINBYTES8, BYTEARRAY8, BINUNICODE8
+def test_a_declared_length_beyond_the_data_is_refused_before_allocating(opcode):
+    """A 20-byte header declaring 8 GiB: refused as truncated, never allocated (run under a 2 GiB
+    address-space limit, where an attempt would end in MemoryError instead)."""
+    bomb = b"\x80\x04" + opcode + struct.pack("<Q", 2**33) + b"xx."
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from vlprep import VlprepError, safe_pickle\n"
+        "try:\n"
+        "    safe_pickle.loads(sys.stdin.buffer.read(), 'bomb.pkl')\n"
+        "except VlprepError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], input=bomb, capture_output=True, check=True).stdout.decode()
+    assert "bomb.pkl: not a readable pickle" in out and "expected" in out, out
+    assert "more memory" not in out

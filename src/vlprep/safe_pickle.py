@@ -6,7 +6,9 @@ X-LXMERT cluster maps) are untrusted: :func:`loads` / :func:`load_file` rebuild 
 scalars and dtypes, plain containers and bytes; any other global is refused before it runs, with a
 ``VlprepError`` naming the file. Nothing it admits allocates more than the pickle itself holds:
 ``bytearray(n)`` is admitted only from bytes-like data, never from a size (a 37-byte pickle asking for
-``bytearray(2**35)`` is refused, not attempted).
+``bytearray(2**35)`` is refused, not attempted), and every length an opcode declares is checked
+against the bytes that follow before the C unpickler allocates it (a 20-byte ``BINBYTES8`` header
+declaring 32 GiB is refused as truncated).
 
 Writing. VOLTA's environment runs Python 3.6 with numpy 1.x, which cannot import ``numpy._core``
 (the numpy 2 module names). :func:`dumps` writes protocol 4 with numpy internals named
@@ -21,6 +23,7 @@ import collections
 import gzip
 import io
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -84,10 +87,19 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise VlprepError(f"{self.source}: refusing a pickle persistent id ({str(pid)[:60]!r}); not a data pickle")
 
 
+def _check_lengths(data: bytes) -> None:
+    """Walk the opcodes in pure Python (which reads only what is there): a declared length longer than
+    the data raises here, before the C unpickler would allocate it."""
+    for _ in pickletools.genops(io.BytesIO(data)):
+        pass
+
+
 def load(f: BinaryIO, source: str) -> Any:
     """Unpickle from an open binary file; every failure is one ``VlprepError`` naming ``source``."""
     try:
-        return RestrictedUnpickler(f, source=source).load()
+        data = f.read()
+        _check_lengths(data)
+        return RestrictedUnpickler(io.BytesIO(data), source=source).load()
     except VlprepError:
         raise
     except MemoryError:
