@@ -77,7 +77,7 @@ def _fail_second_shard(spec: dict) -> dict:
     return {"index": spec["index"], "pid": os.getpid()}
 
 
-@pytest.mark.parametrize(("how", "says"), [
+@pytest.mark.parametrize(("how", "says"), ids=["raise", "exit"], argvalues=[
     ("raise", r"boom fan: shard 2/2 on cpu worker \d \(worker pid \d+\) failed: ZeroDivisionError: division by zero"),
     ("exit", r"boom fan: the worker on cpu worker \d \(pid \d+\) died (during shard 2/2|between shards) with exit code 3 .*"),
 ])

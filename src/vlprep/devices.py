@@ -29,8 +29,9 @@ import marshal
 import multiprocessing
 import os
 import pickle
-import queue
 import signal
+import threading
+import time
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -221,8 +222,9 @@ class Pool:
         while len(self._workers) < min(wanted, len(self.devices)):
             device = self.devices.devices[len(self._workers)]
             reader, writer = self._context.Pipe(duplex=False)
+            level = logging.getLogger().getEffectiveLevel()  # the workers log as this process does
             process = self._context.Process(target=serve, name=f"vlprep {device.label}",
-                                            args=(device, self._tasks, writer, os.getpid()))
+                                            args=(device, self._tasks, writer, os.getpid(), level))
             process.start()  # not a daemon: a shard's DataLoader starts processes of its own
             writer.close()  # the worker holds the only writing end now
             self._workers.append(_Worker(device, process, reader))
@@ -278,26 +280,17 @@ class Pool:
         self._workers = []
 
 
-def serve(device: Device, tasks, messages: Connection, parent: int) -> None:
+def serve(device: Device, tasks, messages: Connection, parent: int, level: int) -> None:
     """A worker: its device and threads set before torch loads, then shards until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the parent, which stops the workers
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     os.environ.update(device.environment(), RAYON_NUM_THREADS=str(device.threads))
     import torch
 
     torch.set_num_threads(device.threads)
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s %(name)s [{device.label} pid {os.getpid()}] %(message)s")
+    logging.basicConfig(level=level, format=f"%(asctime)s %(name)s [{device.label} pid {os.getpid()}] %(message)s")
     messages.send(("ready", -1, device.label, os.getpid(), None))
-    while True:
-        try:
-            task = tasks.get(timeout=1)
-        except queue.Empty:
-            if os.getppid() != parent:  # the parent was killed: nobody waits for results
-                return
-            continue
-        if task is None:
-            return
-        index, payload, spec = task
+    for index, payload, spec in iter(tasks.get, None):
         messages.send(("start", index, device.label, os.getpid(), None))
         try:
             messages.send(("done", index, device.label, os.getpid(), pickle.loads(payload)(spec)))
@@ -306,6 +299,14 @@ def serve(device: Device, tasks, messages: Connection, parent: int) -> None:
                 log.exception("shard %d failed", index + 1)
             message = str(e) if isinstance(e, VlprepError) else f"{type(e).__name__}: {e}"
             messages.send(("failed", index, device.label, os.getpid(), message))
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker within a second of its parent's death (kill -9, SIGTERM): no orphan keeps computing.
+    Only finished parts and markers are ever published, so a rerun redoes the interrupted shard."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 # ---------------------------------------------------------------- sending a step to a worker
