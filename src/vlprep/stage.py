@@ -169,20 +169,30 @@ class Step:
 
 
 def run_local(stage: str, steps: Sequence[Step]) -> dict[str, Any]:
-    """Run the steps in order in this process; returns each step's result (a list for fanned-out ones)."""
+    """Run the steps in order; returns each step's result (a list for fanned-out ones, in shard order).
+
+    A fanned-out step's shards run in this process, or on a pool of worker processes when
+    ``vlprep.devices.active`` names several devices (``--devices``): the same files either way."""
+    from vlprep import devices
+
     results: dict[str, Any] = {}
-    for step in steps:
-        if step.over:
-            specs = results[step.over]
-            results[step.name] = []
-            for spec in specs:
-                marker = step.call(spec)
-                results[step.name].append(marker)
-                log.info("%s %s: shard %d/%d %s", stage, step.name, int(spec["index"]) + 1, len(specs),
-                         "already done" if marker.get("skipped") else "done")
-        else:
-            results[step.name] = step.call()
+    with devices.pool_for_run() as pool:
+        for step in steps:
+            if not step.over:
+                results[step.name] = step.call()
+            elif pool is not None:
+                results[step.name] = pool.map(f"{stage} {step.name}", step.call, results[step.over])
+            else:
+                results[step.name] = [_run_shard(stage, step, spec, len(results[step.over]))
+                                      for spec in results[step.over]]
     return results
+
+
+def _run_shard(stage: str, step: Step, spec: dict, count: int) -> dict:
+    marker = step.call(spec)
+    log.info("%s %s: shard %d/%d %s", stage, step.name, int(spec["index"]) + 1, count,
+             "already done" if marker.get("skipped") else "done")
+    return marker
 
 
 def skipped(markers: Sequence[dict]) -> int:

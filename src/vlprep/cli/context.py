@@ -39,6 +39,7 @@ def add(sub) -> None:
     options.fan_out(s, "--phrase-shards", "phrase shards")
     options.split(s)
     options.runtime(s, device="auto", batch_size=None)
+    options.devices(s)
     s.set_defaults(func=cmd_run)
 
 
@@ -59,7 +60,8 @@ def cmd_run(args) -> int:
         recipe=args.recipe, weights=args.weights, text_weights=args.text_weights, model_cfg=args.model_cfg,
         index=args.index, topk=args.topk, image_batch=args.image_batch, text_batch=args.text_batch,
         encode_batch=args.encode_batch, attribute_leak=not args.no_attribute_leak)
-    summary = context.run(args.out, settings, image_shards=args.image_shards, phrase_shards=args.phrase_shards,
-                          split=args.split, runtime=stage.Runtime(device=args.device, num_workers=args.workers))
+    with options.use_devices(args, "image_shards", "phrase_shards"):
+        summary = context.run(args.out, settings, image_shards=args.image_shards, phrase_shards=args.phrase_shards,
+                              split=args.split, runtime=stage.Runtime(device=args.device, num_workers=args.workers))
     options.print_json(summary)
     return 0

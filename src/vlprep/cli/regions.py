@@ -31,6 +31,7 @@ def add(sub) -> None:
     options.fan_out(s)
     options.split(s)
     options.runtime(s, device="cpu")
+    options.devices(s)
     s.set_defaults(func=cmd)
 
 
@@ -54,8 +55,9 @@ def cmd(args) -> int:
             recipe_params=recipe_params, weights=args.weights, arch=args.arch, autocast=args.autocast,
             formats=args.format, lmdb=args.lmdb, annotations=args.annotations, vocab_objects=args.vocab_objects,
             vocab_attributes=args.vocab_attributes)
-        runtime = stage.Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
-        summary = regions.run(args.out, settings, num_shards=args.shards, split=args.split, runtime=runtime)
+        with options.use_devices(args, "shards"):
+            runtime = stage.Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+            summary = regions.run(args.out, settings, num_shards=args.shards, split=args.split, runtime=runtime)
         print(f"report: {storage.join(args.out, regions.REPORT)}")
     options.print_json(summary)
     return 0

@@ -26,6 +26,7 @@ def add(sub) -> None:
     s.add_argument("--block-lines", type=int, default=1 << 16, help="lines per plan item (shards are whole items)")
     options.fan_out(s)
     options.split(s)
+    options.devices(s)
     s.set_defaults(func=cmd_tokenize)
 
     s = actions.add_parser("keys", help="an image set -> {set}.hdf5 + .path + .ids")
@@ -39,6 +40,7 @@ def add(sub) -> None:
     options.fan_out(s)
     options.split(s)
     options.runtime(s, device="auto", batch_size=None)
+    options.devices(s)
     s.set_defaults(func=cmd_keys)
 
     s = actions.add_parser("vokenize", help="tokens + keys -> Maria's top-k image file and its .ids")
@@ -55,6 +57,7 @@ def add(sub) -> None:
     options.fan_out(s)
     options.split(s)
     s.add_argument("--device", default="auto", help="auto, cpu or cuda (faiss-gpu when present)")
+    options.devices(s)
     s.set_defaults(func=cmd_vokenize)
 
     s = actions.add_parser("train", help="train the matcher (Maria's recipe; torchrun over the GPUs; resumable)")
@@ -93,8 +96,9 @@ def cmd_tokenize(args) -> int:
 
     settings = vokens.TokenizeSettings(corpus=args.corpus, tokenizer=args.tokenizer, retrieval_input=args.retrieval_input,
                                        drop_empty=args.drop_empty, block_lines=args.block_lines)
-    options.print_json(vokens.run_steps("vokens_tokenize", vokens.tokenize_steps(
-        args.out, settings, num_shards=args.shards, split=args.split)))
+    with options.use_devices(args, "shards"):
+        options.print_json(vokens.run_steps("vokens_tokenize", vokens.tokenize_steps(
+            args.out, settings, num_shards=args.shards, split=args.split)))
     return 0
 
 
@@ -104,9 +108,10 @@ def cmd_keys(args) -> int:
 
     settings = vokens.KeySettings(images=args.images, image_set=args.image_set, matcher=args.matcher, config=args.config,
                                   image_root=args.image_root, batch_size=args.batch_size)
-    runtime = stage.Runtime(device=args.device, num_workers=args.workers)
-    options.print_json(vokens.run_steps("vokens_keys", vokens.keys_steps(
-        args.out, settings, num_shards=args.shards, split=args.split, runtime=runtime)))
+    with options.use_devices(args, "shards"):
+        runtime = stage.Runtime(device=args.device, num_workers=args.workers)
+        options.print_json(vokens.run_steps("vokens_keys", vokens.keys_steps(
+            args.out, settings, num_shards=args.shards, split=args.split, runtime=runtime)))
     return 0
 
 
@@ -117,8 +122,10 @@ def cmd_vokenize(args) -> int:
     settings = vokens.make_settings(tokens=args.tokens, keys=args.keys, matcher=args.matcher, config=args.config,
                                     image_sets=args.sets, topk=args.topk, max_images=args.max_images,
                                     tokenizer=args.tokenizer, page_lines=args.page_lines)
-    summary = vokens.run_steps("vokens", vokens.vokenize_steps(
-        args.out, lambda: settings, num_shards=args.shards, split=args.split, runtime=stage.Runtime(device=args.device)))
+    with options.use_devices(args, "shards"):
+        summary = vokens.run_steps("vokens", vokens.vokenize_steps(
+            args.out, lambda: settings, num_shards=args.shards, split=args.split,
+            runtime=stage.Runtime(device=args.device)))
     print(f"report: {summary['report']}")
     options.print_json(summary)
     return 0

@@ -31,6 +31,7 @@ def _add_extract(s) -> None:
     options.fan_out(s)
     options.split(s)
     options.runtime(s, device="auto")
+    options.devices(s)
     s.set_defaults(func=cmd_extract)
 
 
@@ -61,8 +62,9 @@ def cmd_extract(args) -> int:
     settings = xlxmert.Settings(images=args.images, image_root=args.image_root, kind=args.kind, dataset=args.dataset,
                                 weights=args.weights, config=args.config, arch=args.arch, autocast=args.autocast,
                                 imsize=args.imsize)
-    runtime = stage.Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
-    summary = xlxmert.run(args.out, settings, num_shards=args.shards, split=args.split, runtime=runtime)
+    with options.use_devices(args, "shards"):
+        runtime = stage.Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+        summary = xlxmert.run(args.out, settings, num_shards=args.shards, split=args.split, runtime=runtime)
     print(f"report: {storage.join(args.out, xlxmert.features_report(args.kind))}")
     options.print_json(summary)
     return 0
