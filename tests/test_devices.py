@@ -64,10 +64,22 @@ def test_fewer_shards_than_devices_are_raised():
     assert two.shards(5) == 5
 
 
-def test_step_closures_survive_pickling():
-    offset = 7
-    call = pickle.loads(devices.dumps(lambda spec: {"n": spec["index"] + offset}))
-    assert call({"index": 2}) == {"n": 9}
+def test_every_fanned_out_step_can_be_sent_to_a_worker():
+    """Workers receive a step's call by pickle: each stage's fan-outs are module functions bound to their
+    runtime with functools.partial (a lambda would be refused)."""
+    from vlprep import stage
+    from vlprep.stages import captions, regions
+
+    runtime = stage.Runtime(device="cpu", batch_size=3)
+    steps = [*regions.steps("out", regions.Settings(images="x"), runtime=runtime),
+             *captions.steps("out", captions.Settings(karpathy="k.json"), runtime=runtime)]
+    fanned = [s for s in steps if s.over]
+    assert len(fanned) == 2
+    for step in fanned:
+        call = pickle.loads(pickle.dumps(step.call))
+        assert call.func is step.call.func and call.keywords == {"runtime": runtime}
+    with pytest.raises(VlprepError, match="cannot be sent to a worker"):
+        devices.Pool(devices.parse("cpu:2", cpu_cores=2)).map("t", lambda spec: spec, [{"index": 0}])
 
 
 def _fail_second_shard(spec: dict) -> dict:

@@ -22,17 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
-import io
 import logging
-import marshal
 import multiprocessing
 import os
 import pickle
 import signal
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import connection
@@ -204,8 +200,8 @@ class Pool:
         """``call(spec)`` for every spec on the workers; the markers in spec order. A failed shard raises
         naming the shard and its device, after the workers are stopped (also on ^C)."""
         try:
-            payload = dumps(call)
-        except Exception as e:  # noqa: BLE001 - anything unpicklable in the step's closure
+            payload = pickle.dumps(call)  # a module function or a functools.partial of one
+        except Exception as e:  # noqa: BLE001 - a lambda or anything else pickle refuses
             raise VlprepError(f"{label}: the step cannot be sent to a worker process ({e}); use one device") from e
         try:
             self._start(label, len(specs))
@@ -307,32 +303,3 @@ def _exit_with(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(1)
     os._exit(1)
-
-
-# ---------------------------------------------------------------- sending a step to a worker
-
-
-class _StepPickler(pickle.Pickler):
-    """Pickles lambdas and local functions by value (code, defaults, closure) and everything else as
-    usual: a step's ``call`` is a lambda closing over its runtime, which the standard pickler refuses.
-    The worker runs the same interpreter and imports the function's module for its globals."""
-
-    def reducer_override(self, obj):
-        if isinstance(obj, types.FunctionType) and "<" in obj.__qualname__:
-            cells = tuple(cell.cell_contents for cell in obj.__closure__ or ())
-            return _function, (obj.__module__, marshal.dumps(obj.__code__), obj.__defaults__, obj.__kwdefaults__,
-                               cells)
-        return NotImplemented
-
-
-def dumps(call: Callable) -> bytes:
-    buffer = io.BytesIO()
-    _StepPickler(buffer).dump(call)
-    return buffer.getvalue()
-
-
-def _function(module: str, code: bytes, defaults, kwdefaults, cells: tuple) -> types.FunctionType:
-    fn = types.FunctionType(marshal.loads(code), importlib.import_module(module).__dict__, None, defaults,
-                            tuple(types.CellType(value) for value in cells))
-    fn.__kwdefaults__ = kwdefaults
-    return fn

@@ -15,6 +15,7 @@ concatenates the parts in shard order, so the output does not depend on the shar
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -112,7 +113,7 @@ def steps(out: str, settings: Settings, *, num_shards: int = 1, split: str = "ba
     """The pipeline's steps, in its order (``vlprep_pipelines.captions``)."""
     return [
         stage.Step("plan", lambda: plan(out, settings, num_shards=num_shards, split=split)),
-        stage.Step("extract", lambda spec: extract(spec, runtime), over="plan"),
+        stage.Step("extract", functools.partial(extract, runtime=runtime), over="plan"),
         stage.Step("merge", lambda: merge(out)),
     ]
 

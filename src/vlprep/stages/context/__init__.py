@@ -45,6 +45,8 @@ so changing weights, model or index redoes the work instead of mixing old and ne
 
 from __future__ import annotations
 
+import functools
+
 from vlprep import stage
 from vlprep.stages.context.caption_db import build_index, read_index_meta
 from vlprep.stages.context.images import cut_views, encode_images, normalize, plan_images
@@ -77,11 +79,11 @@ def steps(out: str, settings: Settings, *, image_shards: int = 1, phrase_shards:
     return [
         stage.Step("plan", lambda: plan(out, settings, num_shards=phrase_shards, split=split)),
         stage.Step("plan_images", lambda: plan_images(out, num_shards=image_shards, split=split)),
-        stage.Step("encode_phrases", lambda spec: encode_phrases(spec, runtime), over="plan"),
+        stage.Step("encode_phrases", functools.partial(encode_phrases, runtime=runtime), over="plan"),
         stage.Step("build_index", lambda: build_index(out)),
-        stage.Step("encode_images", lambda spec: encode_images(spec, runtime), over="plan_images"),
+        stage.Step("encode_images", functools.partial(encode_images, runtime=runtime), over="plan_images"),
         stage.Step("plan_retrieval", lambda: plan_retrieval(out)),
-        stage.Step("retrieve", lambda spec: retrieve(spec, runtime), over="plan_retrieval"),
+        stage.Step("retrieve", functools.partial(retrieve, runtime=runtime), over="plan_retrieval"),
         stage.Step("merge", lambda: merge(out)),
     ]
 

@@ -17,6 +17,8 @@ same order):
 
 from __future__ import annotations
 
+import functools
+
 from vlprep import stage
 from vlprep.stages.regions.derived import hard_negatives, lmdb
 from vlprep.stages.regions.extract import detector_for, extract, plan, write_results
@@ -33,7 +35,7 @@ def steps(out: str, settings: Settings, *, num_shards: int = 1, split: str = "ba
     captions pipeline also runs, before hard negatives)."""
     return [
         stage.Step("plan", lambda: plan(out, settings, num_shards=num_shards, split=split)),
-        stage.Step("extract", lambda spec: extract(spec, runtime), over="plan"),
+        stage.Step("extract", functools.partial(extract, runtime=runtime), over="plan"),
         stage.Step("merge", lambda: merge(out)),
         stage.Step("lmdb", lambda: lmdb(out)),
         stage.Step("hard_negatives", lambda: hard_negatives(out)),

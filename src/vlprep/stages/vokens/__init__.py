@@ -21,6 +21,7 @@ the files are the same for any number of shards.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -101,7 +102,7 @@ def keys_steps(out: str, settings: KeySettings, *, num_shards: int = 1, split: s
                runtime: stage.Runtime | None = None) -> list[stage.Step]:
     """One image set's keys into the keys folder ``out`` (``vlprep vokens keys``)."""
     return [stage.Step("keys_plan", lambda: keys_plan(out, settings, num_shards=num_shards, split=split)),
-            stage.Step("keys", lambda spec: keys(spec, runtime), over="keys_plan"),
+            stage.Step("keys", functools.partial(keys, runtime=runtime), over="keys_plan"),
             stage.Step("keys_merge", lambda: keys_merge(out, settings.image_set))]
 
 
@@ -116,7 +117,7 @@ def vokenize_steps(out: str, settings: Callable[[], VokenizeSettings], *, num_sh
         return plan(out, made[0], num_shards=num_shards, split=split)
 
     return [stage.Step("plan", plan_step),
-            stage.Step("vokenize", lambda spec: vokenize(spec, runtime), over="plan"),
+            stage.Step("vokenize", functools.partial(vokenize, runtime=runtime), over="plan"),
             stage.Step("merge", lambda: merge(out, made[0].tokens.rstrip("/").rsplit("/", 1)[-1]))]
 
 

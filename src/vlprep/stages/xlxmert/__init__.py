@@ -19,6 +19,8 @@ in this process, in the same order):
 
 from __future__ import annotations
 
+import functools
+
 from vlprep import stage
 from vlprep.stages.xlxmert.extract import detector_for, extract, grid_files, merge, plan
 from vlprep.stages.xlxmert.settings import (
@@ -42,7 +44,7 @@ def extraction_steps(out: str, settings: Settings, *, num_shards: int = 1, split
     """plan -> extract (per shard) -> merge of one feature kind."""
     return [
         stage.Step("plan", lambda: plan(out, settings, num_shards=num_shards, split=split)),
-        stage.Step("extract", lambda spec: extract(spec, runtime), over="plan"),
+        stage.Step("extract", functools.partial(extract, runtime=runtime), over="plan"),
         stage.Step("merge", lambda: merge(out, settings.kind)),
     ]
 
@@ -53,7 +55,7 @@ def vocabulary_steps(out: str, vocab: VocabSettings, *, num_shards: int = 1, spl
     return [
         stage.Step("kmeans", lambda: kmeans(out, vocab, runtime)),
         stage.Step("assign_plan", lambda: assign_plan(out, num_shards=num_shards, split=split)),
-        stage.Step("assign", lambda spec: assign(spec, runtime), over="assign_plan"),
+        stage.Step("assign", functools.partial(assign, runtime=runtime), over="assign_plan"),
         stage.Step("assign_merge", lambda: assign_merge(out)),
     ]
 
