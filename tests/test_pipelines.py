@@ -184,13 +184,14 @@ def test_cli_run_and_local_pipeline_run_give_the_same_files(tmp_path, sample):
     cli = tmp_path / "cli"
     assert main(["captions", "--karpathy", params["karpathy"], "--dataset", "coco", "--out", str(cli / "annotations")]) == 0
     assert main(["regions", "extract", "--images", params["images"], "--out", str(cli), "--arch", "tiny", "--workers", "0",
-                 "--annotations", str(cli / "annotations")]) == 0
+                 "--weights", "random:0", "--annotations", str(cli / "annotations")]) == 0
     local, direct = _files(tmp_path / "local"), _files(cli)
     assert sorted(local) == sorted(direct)
-    assert {"report.html", "hard_negative.pkl", "trainval_feat.lmdb/data.mdb", "annotations/train_ann.jsonl",
-            "volta/train2014_obj36-36.tsv", "lxmert/val2014_obj36-36.tsv"} <= set(local)
+    lmdb = "resnet101_faster_rcnn_genome_imgfeats/volta/trainval_feat.lmdb"
+    assert {"report.html", "hard_negative.pkl", f"{lmdb}/data.mdb", "annotations/train_ann.jsonl",
+            "resnet101_faster_rcnn_genome_imgfeats/train2014_obj36-36.tsv", "lxmert/data/mscoco_imgfeat/val2014_obj36.tsv"} <= set(local)
     differ = [n for n in local if local[n].read_bytes() != direct[n].read_bytes()]
-    assert set(differ) <= {"report.html", "trainval_feat.lmdb/lock.mdb"}  # paths, timings; LMDB's reader table
+    assert set(differ) <= {"report.html", f"{lmdb}/lock.mdb"}  # paths, timings; LMDB's reader table
     figures = [f.read_text().count("<img src='data:image/png;base64,") for f in (local["report.html"], direct["report.html"])]
     assert figures == [6, 6]
 

@@ -177,3 +177,65 @@ def test_shared_vg_vocab():
     assert (len(objects), len(attributes)) == (1600, 400)
     assert objects[0] == "yolk" and attributes[0] == "gray" and attributes[1] == "multi colored"
     assert all(label and "," not in label for label in objects + attributes)
+
+
+# --- "default": the published weights when reachable (a loopback server stands in), else random:0, flagged
+
+
+def _tiny_butd_checkpoint(path: Path) -> bytes:
+    """A BUTD checkpoint in the real torch format: the tiny detector's own state dict, random-initialised."""
+    model = load_detector("random:3", config=BUTDConfig.tiny())
+    torch.save(model.state_dict(), path)
+    return path.read_bytes()
+
+
+def test_default_downloads_the_published_file_then_uses_the_cache(http_files, tmp_path, monkeypatch, caplog):
+    base, root, requests = http_files
+    raw = _tiny_butd_checkpoint(root / "butd.pth")
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_BUTD", f"{base}/butd.pth")
+    cache = tmp_path / "cache"
+    model = load_detector("default", config=BUTDConfig.tiny(), cache_dir=cache)
+    assert not model.is_random and model.weights.sha256 == hashlib.sha256(raw).hexdigest()
+    reference = load_detector("random:3", config=BUTDConfig.tiny())
+    name, tensor = next(iter(reference.state_dict().items()))
+    torch.testing.assert_close(model.state_dict()[name], tensor)
+    digest, size = (model.weights.path.parent / (model.weights.path.name + ".sha256")).read_text().split()
+    assert digest == model.weights.sha256 and int(size) == len(raw)  # recorded at the first download
+    (root / "butd.pth").unlink()  # the server no longer has it: the cache answers
+    again = weights.resolve("default", model="butd", cache_dir=cache)
+    assert again.path == model.weights.path and len(requests) == 1 and not again.is_random
+
+
+def test_default_tampered_cache_is_downloaded_again_then_refused_if_the_file_changed(http_files, tmp_path,
+                                                                                    monkeypatch):
+    base, root, requests = http_files
+    raw = _tiny_butd_checkpoint(root / "butd.pth")
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_BUTD", f"{base}/butd.pth")
+    cache = tmp_path / "cache"
+    first = weights.resolve("default", model="butd", cache_dir=cache)
+    first.path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))  # same size, one bit flipped
+    fixed = weights.resolve("default", model="butd", cache_dir=cache)
+    assert fixed.path.read_bytes() == raw and len(requests) == 2
+    (root / "butd.pth").write_bytes(raw + b"changed upstream")
+    first.path.write_bytes(b"truncated")
+    with pytest.raises(VlprepError, match="differs from the first download"):
+        weights.resolve("default", model="butd", cache_dir=cache)
+    assert len(requests) == 3
+    pinned = hashlib.sha256(raw + b"changed upstream").hexdigest()  # a #sha256= pin wins over the record
+    assert weights.resolve(f"{base}/butd.pth#sha256={pinned}", cache_dir=cache).sha256 == pinned
+
+
+def test_default_unreachable_falls_back_to_random_0_flagged(http_files, tmp_path, monkeypatch, caplog):
+    base, _, _ = http_files
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_BUTD", f"{base}/gone.pth")
+    with caplog.at_level("WARNING"):
+        model = load_detector("default", config=BUTDConfig.tiny(), cache_dir=tmp_path / "cache")
+    assert model.is_random and model.weights.seed == 0 and "gone.pth" in model.weights.fallback
+    assert "Using RANDOM weights (random:0)" in caplog.text and "butd" in caplog.text
+    reference = load_detector("random:0", config=BUTDConfig.tiny())
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+    matcher = weights.resolve("default", model="matcher")  # none published
+    assert matcher.is_random and matcher.fallback == "none are published"
+    with pytest.raises(VlprepError, match="need a model"):
+        weights.resolve("default")

@@ -10,8 +10,9 @@ same order):
   results written as arrays + jsonl (``extract.py``). Undecodable images are skipped and listed in the
   done-marker. A shard is redone when the weights, recipe, its parameters, the architecture or autocast
   change (they are fingerprinted into the plan and the markers);
-- :func:`merge`: per image folder (COCO split) ``volta/{split}_obj{lo}-{hi}.tsv`` (13 fields),
-  ``lxmert/...tsv`` (10) and/or ``h5/...h5``, and ``report.html`` (``render.py``);
+- :func:`merge`: per split ``resnet101_faster_rcnn_genome_imgfeats/{split}_obj{lo}-{hi}.tsv`` (VOLTA, 13
+  fields), ``lxmert/data/mscoco_imgfeat/{split}_obj36.tsv`` (LXMERT, 10) and/or ``h5/...h5``, and
+  ``report.html`` (``render.py``; the layout each consumer opens is in ``settings.py``);
 - :func:`lmdb`: VOLTA's LMDBs; :func:`hard_negatives`: ``hard_negative.pkl`` (``derived.py``).
 """
 
@@ -21,10 +22,10 @@ from vlprep import stage
 from vlprep.stages.regions.derived import hard_negatives, lmdb
 from vlprep.stages.regions.extract import detector_for, extract, plan, write_results
 from vlprep.stages.regions.render import merge
-from vlprep.stages.regions.settings import FORMATS, REPORT, STAGE, Settings, tsv_name
+from vlprep.stages.regions.settings import FORMATS, REPORT, STAGE, Settings
 
 __all__ = ["FORMATS", "REPORT", "STAGE", "Settings", "detector_for", "extract", "hard_negatives", "lmdb", "merge",
-           "plan", "run", "steps", "tsv_name", "write_results"]
+           "plan", "run", "steps", "write_results"]
 
 
 def steps(out: str, settings: Settings, *, num_shards: int = 1, split: str = "balanced",
