@@ -14,7 +14,9 @@ A spec is one of:
 - ``default``: the model's published weights (:data:`PUBLISHED`; ``$VLPREP_WEIGHTS_URL_<MODEL>``
   overrides the address), downloaded once with a 10 s connect timeout and cached like any URL. When
   they cannot be fetched (offline, or none published) it falls back to ``random:0`` with a WARNING
-  and ``Resolved.fallback`` saying why; reports and markers then show random weights.
+  and ``Resolved.fallback`` saying why; reports and markers then show random weights. A run fixes
+  this choice once, at plan time (:func:`pin_default`): the settings record the published URL pinned
+  ``#sha256=`` (or ``random:0`` and the reason), so every shard, on any machine, loads the same weights.
 
 No checksum is published for these files: the sha256 and size of the first download are recorded
 beside the cached file (``<file>.sha256``) and checked on every later use. A cached file that fails
@@ -36,6 +38,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -136,11 +139,17 @@ class Unreachable(VlprepError):
     """A download that could not be made (network, HTTP error): ``default`` falls back on it."""
 
 
-def published_url(model: str) -> str | None:
-    """The address ``default`` downloads for ``model``: ``$VLPREP_WEIGHTS_URL_<MODEL>``, else :data:`PUBLISHED`."""
-    if model not in PUBLISHED:
+def url_env(model: str) -> str:
+    """The variable that overrides ``model``'s published address (``clip-ViT-B-32`` -> ``..._CLIP_VIT_B_32``)."""
+    return URL_ENV.format(re.sub(r"[^A-Z0-9]", "_", model.upper()))
+
+
+def published_url(model: str, published: str | None = None) -> str | None:
+    """The address ``default`` downloads for ``model``: ``$VLPREP_WEIGHTS_URL_<MODEL>``, else :data:`PUBLISHED`
+    (``published`` gives it for models outside that table, e.g. CLIP architectures)."""
+    if model not in PUBLISHED and published is None:
         raise VlprepError(f"no default weights for model {model!r}; models: {', '.join(PUBLISHED)}")
-    return os.environ.get(URL_ENV.format(model.upper())) or PUBLISHED[model]
+    return os.environ.get(url_env(model)) or (PUBLISHED[model] if model in PUBLISHED else published)
 
 
 def random_fallback(model: str, reason: str) -> Resolved:
@@ -151,9 +160,10 @@ def random_fallback(model: str, reason: str) -> Resolved:
     return Resolved(spec=FALLBACK, path=None, is_random=True, seed=parse_random_spec(FALLBACK), fallback=reason)
 
 
-def resolve_default(model: str, *, cache_dir: str | Path | None = None) -> Resolved:
-    """``model``'s published weights, cached; :func:`random_fallback` when they cannot be downloaded."""
-    url = published_url(model)
+def resolve_default(model: str, *, cache_dir: str | Path | None = None, published: str | None = None) -> Resolved:
+    """``model``'s published weights, cached (``spec``: the URL pinned ``#sha256=``); :func:`random_fallback`
+    when they cannot be downloaded."""
+    url = published_url(model, published)
     if not url:
         return random_fallback(model, "none are published")
     try:
@@ -161,7 +171,23 @@ def resolve_default(model: str, *, cache_dir: str | Path | None = None) -> Resol
                                     timeout=CONNECT_TIMEOUT)
     except Unreachable as e:
         return random_fallback(model, str(e))
-    return Resolved(spec=DEFAULT, path=path, sha256=digest)
+    return Resolved(spec=f"{url}#sha256={digest}", path=path, sha256=digest)
+
+
+def pin_default(spec: str, model: str, *, unfit: str = "", published: str | None = None,
+                cache_dir: str | Path | None = None) -> tuple[str, str]:
+    """(concrete spec, fallback reason) for a plan step to record, so that every shard loads the same weights.
+
+    ``default`` becomes the published URL pinned ``#sha256=`` (downloaded into the cache now), or
+    ``random:0`` with the reason (flagged loudly) when it cannot be fetched, or when ``unfit`` says why
+    the published weights do not fit the configured architecture. Any other spec comes back as given, "".
+    """
+    spec = str(spec)
+    if spec != DEFAULT:
+        return spec, ""
+    resolved = (random_fallback(model, unfit) if unfit else
+                resolve_default(model, cache_dir=cache_dir, published=published))
+    return resolved.spec, resolved.fallback
 
 
 def resolve(spec: str | Path, *, cache_dir: str | Path | None = None, model: str | None = None) -> Resolved:

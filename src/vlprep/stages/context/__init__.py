@@ -16,7 +16,8 @@ order):
 
 1. :func:`plan` (``phrases.py``): the phrase list, the settings recorded (``settings.py``: recipe, weights,
    model config, batch sizes, top-k, index kind; every later step reads them, so steps of one run
-   cannot disagree), the phrase blocks planned; :func:`plan_images` (``images.py``) plans the image blocks.
+   cannot disagree; ``default`` weights are pinned here once: the published ``openai`` file with its
+   sha256, or ``random:0`` and the reason in ``weights_fallback``), the phrase blocks planned; :func:`plan_images` (``images.py``) plans the image blocks.
 2. :func:`encode_phrases` (one task per phrase shard): keys and values of its phrase blocks.
 3. :func:`build_index` (``caption_db.py``): ``caption_db.hdf5`` and the faiss index (``vlprep.index``).
 4. :func:`encode_images` (one task per image shard): 15 views per image (whole, 5 and 9 crops), the

@@ -4,7 +4,10 @@ TSV / H5 -> LMDB, hard negatives.
 Steps (each a KFP component of the ``regions`` pipeline; :func:`run` runs them in this process, in the
 same order):
 
-- :func:`plan`: the settings (``settings.py``) recorded, the sorted image list split into shards;
+- :func:`plan`: the settings (``settings.py``) recorded, ``default`` weights pinned once for the run (the
+  published file's URL with its sha256, or ``random:0`` with ``weights_fallback`` saying why; arch
+  ``tiny`` always takes ``random:0``: the published weights are for the full detector), the sorted image
+  list split into shards;
 - :func:`extract` (one GPU pod per shard): images decoded in DataLoader workers, batched by the detector
   so that batching never changes an image's result (``models/detection/batching.py`` buckets by resized size); the
   results written as arrays + jsonl (``extract.py``). Undecodable images are skipped and listed in the

@@ -8,6 +8,7 @@ renders the formats users read from them (``render.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -16,6 +17,7 @@ import numpy as np
 from vlprep import stage
 from vlprep.data import images as imgs
 from vlprep.data.loader import ImageDataset, image_loader
+from vlprep.models import weights as wts
 from vlprep.stages.regions.settings import STAGE, Settings, box_range
 
 log = logging.getLogger("vlprep.regions")
@@ -25,8 +27,12 @@ IMAGES_PART = "images.jsonl"
 
 def plan(out: str, settings: Settings, *, num_shards: int = 1, split: str = "balanced") -> list[dict]:
     """Sorted image list (a COCO root with split folders, a Flickr30k folder, a list file or a Karpathy
-    file) split into shards; the settings are recorded for every later step."""
+    file) split into shards; the settings are recorded for every later step, ``default`` weights pinned
+    once here (the published URL with its sha256, or random:0 and why) so that every shard loads the same."""
     items = imgs.list_images(settings.check().images, settings.image_root)
+    unfit = "arch tiny: the published weights are for the full detector" if settings.arch == "tiny" else ""
+    weights, fallback = wts.pin_default(settings.weights, "butd", unfit=unfit)
+    settings = dataclasses.replace(settings, weights=weights, weights_fallback=fallback or settings.weights_fallback)
     return STAGE.start(out, settings).plan(items, num_shards=num_shards, split=split)
 
 

@@ -136,4 +136,5 @@ def _summary(out: str, settings: Settings, done) -> dict:
             "notes": [n for _, m in done for n in m.get("notes", [])],
             "extract_seconds": round(sum(m.get("extract_seconds", 0) for _, m in done), 3),
             "model_seconds": round(sum(m.get("model_seconds", 0) for _, m in done), 3),
-            "random_weights": any(m.get("random_weights") for _, m in done)}
+            "random_weights": any(m.get("random_weights") for _, m in done),
+            "weights": settings.weights, "weights_fallback": settings.weights_fallback}

@@ -38,7 +38,7 @@ class Settings(stage.Settings):
     dataset: str = "coco"  # coco | flickr30k: image ids and LMDB names
     recipe: str = "caffe36"  # box selection (vlprep.models.detection.selection)
     recipe_params: dict = field(default_factory=dict)  # overrides of the recipe's fields
-    weights: str = "random:0"  # URL, gs://, local path or random:<seed>
+    weights: str = "random:0"  # default, URL, gs://, local path or random:<seed> (the plan pins default)
     arch: str = "full"  # full | tiny (a small test configuration)
     autocast: str = ""  # "" (float32) or a torch dtype name for autocast on CUDA
     formats: str = "volta-tsv,lxmert-tsv"  # comma list of FORMATS
@@ -46,6 +46,7 @@ class Settings(stage.Settings):
     annotations: str = ""  # caption annotations folder (train_ann.jsonl): hard_negative.pkl when given
     vocab_objects: str = ""  # VG vocabularies for the report's labels ("" = placeholders)
     vocab_attributes: str = ""
+    weights_fallback: str = ""  # why the plan turned default into random:0 ("" = it did not)
 
     SHARD_FIELDS = ("recipe", "recipe_params", "weights", "arch", "autocast")
 
