@@ -1,13 +1,16 @@
 r"""Cross-modal context (Xmodal-Ctx / HAAV): CLIP visual context and retrieved Visual Genome phrases.
 
-Outputs under ``out``, in upstream's ``outputs/`` layout (``vlprep.formats.ctx_h5`` has the HDF5 details):
+Outputs under ``out`` (``vlprep.formats.ctx_h5`` has the HDF5 details). ``out`` is the captioning model's
+``--dataset_root``: Xmodal-Ctx ``m2/train.py`` and HAAV ``haav/train.py`` / ``test.py`` open
+``{dataset_root}/vis_ctx.hdf5`` and ``{dataset_root}/txt_ctx.hdf5`` (upstream's READMEs link them there
+from ``ctx/outputs/...``; here they are written there); add ``oscar.hdf5`` and ``annotations/`` beside them.
 
-- ``image_features/vis_ctx.hdf5``: every image through CLIP's image tower, keyed by image id;
+- ``vis_ctx.hdf5``: every image through CLIP's image tower, keyed by image id;
 - ``captions_db/vg_phrases.txt``: the VG phrase list (one per line; line number = row id);
 - ``captions_db/caption_db.hdf5``: phrase keys / values (``features`` in XC, ``values`` in HV) and
   texts, one group per batch of 512 rows (``recipe.caption_batch``), as upstream's ``encode_captions.py``;
 - ``retrieved_captions/faiss.index``: the inner-product index over the keys;
-- ``retrieved_captions/txt_ctx.hdf5``: top-k phrases (values, scores, texts) for the whole image, its
+- ``txt_ctx.hdf5``: top-k phrases (values, scores, texts) for the whole image, its
   five crops and its nine crops (``vlprep.models.crops``), k per recipe (XC 16/16/16, HV 128/32/16);
 - ``context_report.html``: sample images with their crops drawn and the top phrases of each.
 

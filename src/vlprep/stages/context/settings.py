@@ -19,12 +19,13 @@ TINY_CFG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 
-# outputs, relative to ``out``
-VIS_CTX = "image_features/vis_ctx.hdf5"
+# outputs, relative to ``out`` = the captioning model's --dataset_root: XC m2/train.py and HAAV haav/train.py,
+# test.py open ``dataset_root/vis_ctx.hdf5`` and ``dataset_root/txt_ctx.hdf5`` (upstream links them there by hand)
+VIS_CTX = "vis_ctx.hdf5"
 PHRASES = "captions_db/vg_phrases.txt"
 CAPTION_DB = "captions_db/caption_db.hdf5"
 FAISS_INDEX = "retrieved_captions/faiss.index"
-TXT_CTX = "retrieved_captions/txt_ctx.hdf5"
+TXT_CTX = "txt_ctx.hdf5"
 REPORT = "context_report.html"
 
 
