@@ -11,8 +11,9 @@ STAGES := captions regions context xlxmert vokens
 PIPELINE ?= demo
 KFP_HOST ?=
 RUN_ARGS ?=
+DEVICE ?= cuda
 
-.PHONY: help setup run test test-fast test-containers compile images push lock submit bench lint clean
+.PHONY: help setup run test test-fast test-containers compile images push lock submit bench gpu-check lint clean
 
 help:
 	@echo "make run       run the demo pipeline locally on the bundled sample (sets itself up)"
@@ -24,6 +25,7 @@ help:
 	@echo "make lock      regenerate images/locks/ after changing a dependency in pyproject.toml"
 	@echo "make submit    PIPELINE=... KFP_HOST=... [RUN_ARGS='--param k=v']"
 	@echo "make bench     benchmarks (ratios against named baselines)"
+	@echo "make gpu-check every CUDA path once, throughput per stage (DEVICE=cpu: small, on the CPU)"
 	@echo "make lint      ruff"
 	@echo "make upload    KFP_HOST=... [PIPELINES=...] [VERSION=...]: pipeline versions for the Kubeflow UI"
 
@@ -77,6 +79,10 @@ upload: setup
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# every CUDA path once with throughput per stage (< 10 min on one GPU); DEVICE=cpu runs them small
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py --device $(DEVICE) $(if $(filter cpu,$(DEVICE)),--quick)
 
 lint: setup
 	$(BIN)/ruff check src components pipelines tests bench

@@ -81,7 +81,7 @@ def cmd_run(args) -> int:
         raise VlprepError("`vlprep run` runs on this machine: add --local (use `vlprep submit` for a cluster)")
     from vlprep_pipelines import engine
 
-    from vlprep.reports.run import run_markdown
+    from vlprep.reports.run import random_lines, run_markdown, weights_used
 
     name = engine.canonical(args.pipeline)
     run_name = args.run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -105,6 +105,9 @@ def cmd_run(args) -> int:
         if not any(part.startswith("_") for part in Path(p).relative_to(run_dir).parts)
     ]
     record["kfp_artifacts"] = [p for p in storage.list_prefix(str(run_dir / "_kfp")) if "executor_output" not in p]
+    record["weights"] = weights_used({str(p.relative_to(run_dir)): json.loads(p.read_text(encoding="utf-8"))
+                                      for p in run_dir.rglob("settings.json")
+                                      if "_work" in p.parts and "_kfp" not in p.relative_to(run_dir).parts})
     storage.write_text(str(run_dir / "run.json"), json.dumps(record, indent=1, ensure_ascii=False))
     storage.write_text(str(run_dir / "report.md"), run_markdown(record))
     print(f"\nvlprep: run {run_name} finished in {record['seconds']} s. Outputs:")
@@ -113,6 +116,8 @@ def cmd_run(args) -> int:
     print("Reports and KFP artifacts:")
     for p in record["kfp_artifacts"]:
         print(f"  {p}")
+    for line in random_lines(record["weights"]):
+        print(f"WARNING: {line}")
     print(f"Run record: {run_dir / 'run.json'}\nRun report: {run_dir / 'report.md'}")
     return 0
 

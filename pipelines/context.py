@@ -28,7 +28,7 @@ def context(  # a pipeline's parameters are its users' settings (vlprep.stages.c
     relationships: str,
     out: str,
     recipe: str = "xmodal-ctx",
-    weights: str = "random:0",
+    weights: str = "default",
     text_weights: str = "",
     model_cfg: str = "",
     index: str = "ivf",

@@ -2,9 +2,15 @@
 
 Its parameters are plain paths (KFP cannot concatenate strings into a nested pipeline's inputs);
 ``local_params`` fills them in for a local run from the sample directory and the run directory.
-Weights default to ``random:0`` (offline; flagged in logs and reports); pass real weight specs with
-``--param weights=...``. X-LXMERT runs its tiny detector by default (``xlxmert_arch``): the full X-152
-takes about 40 s per image and kind on a CPU; ``--param xlxmert_arch=full`` runs the real architecture.
+Weights are ``default``: each plan step downloads the published weights once (BUTD detector, OpenAI
+CLIP ViT-B/32; cached, sha256 recorded) and pins them for every shard; offline it falls back to
+``random:0``, with a WARNING in the log, a RANDOM banner in the stage's report and a Weights section in
+the run's ``report.md``. Pass other specs with ``--param weights=...`` (``clip_weights``,
+``xlxmert_weights``). X-LXMERT runs its tiny detector by default (``xlxmert_arch``): the full X-152 takes
+about 40 s per image and kind on a CPU. The published X-152 weights do not fit the tiny detector, so
+there ``default`` means ``random:0`` (flagged, with that reason); ``--param xlxmert_arch=full`` runs the
+real architecture with the published weights. Maria's matcher has no published weights: a tiny random
+one (``matcher``), or one trained here from random backbones.
 """
 
 from kfp import dsl
@@ -18,8 +24,8 @@ from vlprep_pipelines.xlxmert import xlxmert as xlxmert_pipeline
 def demo(  # every input path is a parameter: KFP cannot join strings for a nested pipeline's inputs
     karpathy: str, test1k_ids: str, images: str, mscoco: str, annotations: str, attributes: str, relationships: str,
     context: str, xlxmert: str, corpus: str, vokens_images: str, tokenizer: str, vokens: str,
-    weights: str = "random:0", clip_weights: str = "random:0", num_shards: int = 2, arch: str = "full",
-    device: str = "cpu", xlxmert_weights: str = "random:0", xlxmert_arch: str = "tiny", matcher: str = "random:0",
+    weights: str = "default", clip_weights: str = "default", num_shards: int = 2, arch: str = "full",
+    device: str = "cpu", xlxmert_weights: str = "default", xlxmert_arch: str = "tiny", matcher: str = "random:0",
 ):
     regions(images=images, out=mscoco, karpathy=karpathy, annotations=annotations, dataset="coco", recipe="caffe36",
             weights=weights, num_shards=num_shards, device=device, batch_size=4, num_workers=2, arch=arch,

@@ -21,7 +21,7 @@ def regions(  # a pipeline's parameters are its users' settings (vlprep.stages.r
     annotations: str,
     dataset: str = "coco",
     recipe: str = "caffe36",
-    weights: str = "random:0",
+    weights: str = "default",
     num_shards: int = 8,
     split: str = "balanced",
     device: str = "cuda",

@@ -36,7 +36,7 @@ def xlxmert(  # a pipeline's parameters are its users' settings (vlprep.stages.x
     images: str,
     out: str,
     dataset: str = "coco",
-    weights: str = "random:0",
+    weights: str = "default",
     config: str = "",
     arch: str = "full",
     autocast: str = "",

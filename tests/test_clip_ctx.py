@@ -629,3 +629,16 @@ def test_writers_are_atomic_and_validate(tmp_path):
     with pytest.raises(VlprepError, match="unknown context layout"):
         ctx_h5.CaptionDbWriter(path, "other")
     assert not path.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_default_weights_unreachable_fall_back_to_random_0_flagged(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_CLIP_VIT_B_32", "http://127.0.0.1:9/ViT-B-32.bin")  # nothing listens
+    monkeypatch.setenv("VLPREP_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        enc = C.ClipContextEncoder("xmodal-ctx")  # the default spec: "default"
+    info = enc.loaded["image"]
+    assert enc.is_random and info.spec == "random:0" and "127.0.0.1:9" in info.description
+    assert "Using RANDOM weights (random:0)" in caplog.text
+    reference, _ = C.load_model("ViT-B-32", "random:0")  # exactly random:0: every pod the same
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(enc.model("image").state_dict()[name], tensor)

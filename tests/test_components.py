@@ -60,7 +60,8 @@ def test_region_components_chain(tmp_path, sample):
     assert (out / "report.html").read_text() == html  # the same report beside the outputs as in the KFP UI
     metrics = json.loads((merge.workdir / "executor_output.json").read_text())["artifacts"]["metrics"]
     assert metrics["artifacts"][0]["metadata"]["images"] == 6
-    assert c.last("regions-lmdb").values["Output"]["lmdb"] == {str(out / "trainval_feat.lmdb"): 6}
+    lmdb = out / "resnet101_faster_rcnn_genome_imgfeats" / "volta" / "trainval_feat.lmdb"  # VOLTA's configs
+    assert c.last("regions-lmdb").values["Output"]["lmdb"] == {str(lmdb): 6}
     negatives = c.last("regions-hard-negatives").values["Output"]
     assert negatives["hard_negatives"] == str(out / "hard_negative.pkl") and negatives["train_images"] == 3
 

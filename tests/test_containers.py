@@ -276,7 +276,8 @@ def test_demo_in_docker_on_gcs_equals_subprocess_on_local(tmp_path, sample, gcs,
     gcs_files = {uri.removeprefix(f"{gcs}/run/"): content(uri, storage.read_bytes(uri))
                  for uri in storage.list_prefix(f"{gcs}/run")}
     assert sorted(gcs_files) == sorted(local_files)
-    assert {"mscoco/trainval_feat.lmdb/data.mdb", "mscoco/hard_negative.pkl", "xmodal_ctx/image_features/vis_ctx.hdf5",
+    assert {"mscoco/resnet101_faster_rcnn_genome_imgfeats/volta/trainval_feat.lmdb/data.mdb",
+            "mscoco/hard_negative.pkl", "xmodal_ctx/vis_ctx.hdf5",
             "mscoco/annotations/train_ann.jsonl", "xlxmert/COCO/features/maskrcnn_valid_boxes36.h5",
             "xlxmert/clustering/maskrcnn_mscoco_train_centroids16_iter20_d32_grid8.npy",
             "vokens/vokens/valid.pkl.txt.coco_sample.6"} <= set(local_files)

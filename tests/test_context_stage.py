@@ -367,3 +367,30 @@ def test_stage_on_gcs_equals_local(gcs, sample, one):
     assert summary["images"] == 6
     for name in OUTPUTS:
         assert storage.read_bytes(storage.join(out, name)) == (one[0] / name).read_bytes(), name
+
+
+def test_plan_pins_default_clip_weights_once_and_flags_the_fallback(tmp_path, sample, monkeypatch, caplog):
+    """Offline, ``default`` becomes random:0 in the recorded settings, with the reason (the plan loads no model)."""
+    for arch in ("VIT_B_32", "VIT_L_14"):  # a loopback port nothing listens on: unreachable
+        monkeypatch.setenv(f"VLPREP_WEIGHTS_URL_CLIP_{arch}", f"http://127.0.0.1:9/{arch}.bin")
+    monkeypatch.setenv("VLPREP_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level("WARNING"):
+        C.plan(str(tmp_path / "haav"), settings(sample, recipe="haav", weights="default", model_cfg="", topk="8,4,2"))
+    haav = C.STAGE.open(str(tmp_path / "haav")).settings()
+    assert (haav.weights, haav.text_weights) == ("random:0", "random:0")
+    assert "VIT_B_32.bin" in haav.weights_fallback and "VIT_L_14.bin" in haav.weights_fallback
+    assert "Using RANDOM weights (random:0)" in caplog.text
+    C.plan(str(tmp_path / "tiny"), settings(sample, weights="default"))  # a tiny model_cfg: never downloads
+    tiny = C.STAGE.open(str(tmp_path / "tiny")).settings()
+    assert (tiny.weights, tiny.text_weights) == ("random:0", "")
+    assert tiny.weights_fallback.startswith("model_cfg replaces the ViT-B-32 architecture")
+    C.plan(str(tmp_path / "asked"), settings(sample))
+    assert C.STAGE.open(str(tmp_path / "asked")).settings() == settings(sample)  # explicit specs unchanged
+    assert C.make_settings(images="x", attributes="a", relationships="r").weights == "default"
+
+
+def test_fallback_reason_reaches_the_report(tmp_path, sample):
+    summary = run(sample, tmp_path / "out", weights="default")
+    assert summary["random_weights"] and summary["weights_fallback"].startswith("model_cfg replaces")
+    html = (tmp_path / "out" / C.REPORT).read_text(encoding="utf-8")
+    assert "The published weights were not used: model_cfg replaces the ViT-B-32 architecture" in html

@@ -226,7 +226,7 @@ def test_targets():
         "mscoco_train": "gs://b/d/COCO/features/maskrcnn_train_grid8.h5",
         "mscoco_valid": "gs://b/d/COCO/features/maskrcnn_valid_grid8.h5",
         "vg": "gs://b/d/VG/features/maskrcnn_grid8.h5",
-        "nlvr_valid": "gs://b/d/nlvr2/features/maskrcnn_valid_grid8.h5",
+        "nlvr_valid": "gs://b/d/nlvr2/features/maskrcnn_valid_v4_grid8.h5",
         "coco_test": "gs://b/t.h5",
     }
     with pytest.raises(VlprepError, match="mscoco_valid"):  # the README's "--tgt mscoco_train mscoco valid vg"

@@ -118,9 +118,12 @@ def test_local_captions_run_equals_direct_stage(tmp_path, sample):
 
 
 def test_make_run_equivalent_writes_run_record(tmp_path):
+    """The demo as ``make run`` runs it (``default`` weights), with the published files unreachable: it falls
+    back to random:0 and says so, stage by stage, in its output and report."""
+    offline = {f"VLPREP_WEIGHTS_URL_{m}": f"http://127.0.0.1:9/{m}" for m in ("BUTD", "X152", "CLIP_VIT_B_32")}
     r = subprocess.run([sys.executable, "-m", "vlprep.cli", "run", "demo", "--local", "--run-name", "t",
                         "--runs-dir", str(tmp_path), "--param", "arch=tiny"], capture_output=True, text=True,
-                       cwd=REPO, timeout=1200)
+                       cwd=REPO, timeout=1200, env={**os.environ, **offline, "VLPREP_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = yaml.safe_load((tmp_path / "t" / "run.json").read_text())
     assert run["pipeline"] == "demo" and run["versions"]["kfp"].startswith("2.17")
@@ -129,6 +132,15 @@ def test_make_run_equivalent_writes_run_record(tmp_path):
     for path in run["outputs"]:
         assert path in r.stdout, f"{path} not printed"
     assert "Run report:" in r.stdout
+    used = run["weights"]
+    assert used["xmodal_ctx/_work/context/settings.json"]["fallback"].startswith("http://127.0.0.1:9/CLIP_VIT_B_32")
+    assert used["mscoco/_work/regions/settings.json"]["fallback"].startswith("arch tiny")
+    assert used["xlxmert/_work/xlxmert/grid8/settings.json"]["fallback"].startswith("arch tiny")
+    matcher = [u for where, u in used.items() if where.startswith("vokens/")]
+    assert matcher and all(u["matcher"] == "random:0" and not u["fallback"] for u in matcher)  # asked for
+    assert all(u["random"] for u in used.values())
+    report = (tmp_path / "t" / "report.md").read_text(encoding="utf-8")
+    assert report.count("**RANDOM weights in ") == len(used) and r.stdout.count("WARNING: RANDOM weights in") == len(used)
 
 
 def test_run_with_config_file_and_compile_cli(tmp_path, sample):
@@ -184,13 +196,14 @@ def test_cli_run_and_local_pipeline_run_give_the_same_files(tmp_path, sample):
     cli = tmp_path / "cli"
     assert main(["captions", "--karpathy", params["karpathy"], "--dataset", "coco", "--out", str(cli / "annotations")]) == 0
     assert main(["regions", "extract", "--images", params["images"], "--out", str(cli), "--arch", "tiny", "--workers", "0",
-                 "--annotations", str(cli / "annotations")]) == 0
+                 "--weights", "random:0", "--annotations", str(cli / "annotations")]) == 0
     local, direct = _files(tmp_path / "local"), _files(cli)
     assert sorted(local) == sorted(direct)
-    assert {"report.html", "hard_negative.pkl", "trainval_feat.lmdb/data.mdb", "annotations/train_ann.jsonl",
-            "volta/train2014_obj36-36.tsv", "lxmert/val2014_obj36-36.tsv"} <= set(local)
+    lmdb = "resnet101_faster_rcnn_genome_imgfeats/volta/trainval_feat.lmdb"
+    assert {"report.html", "hard_negative.pkl", f"{lmdb}/data.mdb", "annotations/train_ann.jsonl",
+            "resnet101_faster_rcnn_genome_imgfeats/train2014_obj36-36.tsv", "lxmert/data/mscoco_imgfeat/val2014_obj36.tsv"} <= set(local)
     differ = [n for n in local if local[n].read_bytes() != direct[n].read_bytes()]
-    assert set(differ) <= {"report.html", "trainval_feat.lmdb/lock.mdb"}  # paths, timings; LMDB's reader table
+    assert set(differ) <= {"report.html", f"{lmdb}/lock.mdb"}  # paths, timings; LMDB's reader table
     figures = [f.read_text().count("<img src='data:image/png;base64,") for f in (local["report.html"], direct["report.html"])]
     assert figures == [6, 6]
 

@@ -18,6 +18,10 @@ from vlprep import shards, stage, storage
 from vlprep.formats import volta_lmdb, volta_tsv
 from vlprep.stages import captions, regions
 
+# the folders the consumers open (restated here, not imported): VOLTA's configs
+# <dataroot>/resnet101_faster_rcnn_genome_imgfeats/volta/*_feat.lmdb, LXMERT's data/mscoco_imgfeat/
+VOLTA = "resnet101_faster_rcnn_genome_imgfeats"
+LXMERT = Path("lxmert", "data", "mscoco_imgfeat")
 RUNTIME = stage.Runtime(device="cpu", batch_size=4, num_workers=0)
 
 
@@ -52,14 +56,16 @@ def test_merged_output_identical_whatever_the_shard_count(tmp_path, sample, dete
     one = _run(sample / "images", tmp_path / "n1", 1, detector, runtime=single)
     three = _run(sample / "images", tmp_path / "n3", 3, detector, runtime=single)
     a, b = _tree(tmp_path / "n1"), _tree(tmp_path / "n3")
-    assert sorted(a) == ["lxmert/train2014_obj36-36.tsv", "lxmert/val2014_obj36-36.tsv",
-                         "volta/train2014_obj36-36.tsv", "volta/val2014_obj36-36.tsv"]
+    # where the consumers open them: LXMERT src/tasks/vqa_data.py and src/pretrain/lxmert_data.py
+    # ("data/mscoco_imgfeat/%s_obj36.tsv"), VOLTA data/mscoco/convert_coco_lmdb.py (indir + "train2014_obj36-36.tsv")
+    assert sorted(a) == [f"{LXMERT.as_posix()}/train2014_obj36.tsv", f"{LXMERT.as_posix()}/val2014_obj36.tsv",
+                         "resnet101_faster_rcnn_genome_imgfeats/train2014_obj36-36.tsv", "resnet101_faster_rcnn_genome_imgfeats/val2014_obj36-36.tsv"]
     assert a == b
     assert one["images"] == three["images"] == 6
-    rows = list(volta_tsv.read_tsv(tmp_path / "n1" / "volta" / "train2014_obj36-36.tsv"))
+    rows = list(volta_tsv.read_tsv(tmp_path / "n1" / VOLTA / "train2014_obj36-36.tsv"))
     assert [r["img_id"] for r in rows] == [f"COCO_train2014_{i:012d}" for i in (1, 2, 3)]
     assert all(r["num_boxes"] == 36 and r["boxes"].shape == (36, 4) for r in rows)
-    lx = (tmp_path / "n1" / "lxmert" / "train2014_obj36-36.tsv").read_text().splitlines()[0].split("\t")
+    lx = (tmp_path / "n1" / LXMERT / "train2014_obj36.tsv").read_text().splitlines()[0].split("\t")
     assert len(lx) == 10
 
 
@@ -71,7 +77,7 @@ def test_killed_shard_rerun_gives_identical_output_without_duplicates(tmp_path, 
     regions.extract(specs[0], RUNTIME)
     # shard 1 died half-way: a partial part, no marker
     part = shards.load(specs[1]).part("features.npy")
-    storage.write_bytes(part, (clean / "volta" / "val2014_obj36-36.tsv").read_bytes()[:5000])
+    storage.write_bytes(part, (clean / VOLTA / "val2014_obj36-36.tsv").read_bytes()[:5000])
     with pytest.raises(Exception, match="shard 1 of 2 has no done-marker"):
         regions.merge(str(out))
     for spec in specs:  # the retry: shard 0 is skipped, shard 1 redone
@@ -110,7 +116,7 @@ def test_bad_images_are_skipped_and_listed_never_a_crash(tmp_path, sample, detec
     failed = {Path(f["item"]).name: f["error"] for f in summary["failed"]}
     assert sorted(failed) == [f"COCO_val2014_0000000000{i}.jpg" for i in (12, 13, 14)]
     assert "zero-byte" in failed["COCO_val2014_000000000012.jpg"]
-    rows = list(volta_tsv.read_tsv(out / "volta" / "val2014_obj36-36.tsv"))
+    rows = list(volta_tsv.read_tsv(out / VOLTA / "val2014_obj36-36.tsv"))
     assert [r["img_id"][-2:] for r in rows] == ["11", "15", "16", "17"]
     notes = {Path(n["item"]).name: n["note"] for n in summary["notes"]}
     assert "CMYK" in notes["COCO_val2014_000000000015.jpg"] and "PNG data" in notes["COCO_val2014_000000000017.jpg"]
@@ -125,7 +131,8 @@ def test_lmdb_and_hard_negatives_as_volta_reads_them(tmp_path, sample, detector)
     _run(sample / "images", out, 2, detector)
     built = regions.lmdb(str(out))["lmdb"]
     assert list(built.values()) == [6]
-    env = lmdb.open(str(out / "trainval_feat.lmdb"), max_readers=1, readonly=True, lock=False, readahead=False,
+    db = out / VOLTA / "volta" / "trainval_feat.lmdb"
+    env = lmdb.open(str(db), max_readers=1, readonly=True, lock=False, readahead=False,
                     meminit=False)
     with env.begin(write=False) as txn:
         keys = pickle.loads(txn.get(b"keys"))
@@ -133,8 +140,8 @@ def test_lmdb_and_hard_negatives_as_volta_reads_them(tmp_path, sample, detector)
         item = pickle.loads(txn.get(b"4"))
         assert all(isinstance(v, str) for v in item.values()) and list(item)[0] == "img_id"
     env.close()
-    tsv = {r["img_id"]: r for r in volta_tsv.read_tsv(out / "volta" / "val2014_obj36-36.tsv")}
-    with volta_lmdb.LmdbFeatureReader(out / "trainval_feat.lmdb", feature_size=tsv["COCO_val2014_000000000004"]
+    tsv = {r["img_id"]: r for r in volta_tsv.read_tsv(out / VOLTA / "val2014_obj36-36.tsv")}
+    with volta_lmdb.LmdbFeatureReader(db, feature_size=tsv["COCO_val2014_000000000004"]
                                       ["features"].shape[1], num_locs=5, add_global_imgfeat="first") as reader:
         feats, n, spatials, _ = reader[4]
     np.testing.assert_array_equal(feats[1:], tsv["COCO_val2014_000000000004"]["features"])
@@ -154,10 +161,10 @@ def test_missing_annotations_for_hard_negatives(tmp_path, sample):
 
 def test_to_object_storage(gcs, sample, detector):
     summary = _run(sample / "images", gcs, 2, detector)
-    assert f"{gcs}/volta/train2014_obj36-36.tsv" in summary["files"]
+    assert f"{gcs}/resnet101_faster_rcnn_genome_imgfeats/train2014_obj36-36.tsv" in summary["files"]
     built = regions.lmdb(gcs)["lmdb"]
-    assert built == {f"{gcs}/trainval_feat.lmdb": 6}
-    assert f"{gcs}/trainval_feat.lmdb/data.mdb" in storage.list_prefix(gcs)
+    assert built == {f"{gcs}/resnet101_faster_rcnn_genome_imgfeats/volta/trainval_feat.lmdb": 6}
+    assert f"{gcs}/resnet101_faster_rcnn_genome_imgfeats/volta/trainval_feat.lmdb/data.mdb" in storage.list_prefix(gcs)
 
 
 def test_cli_formats(tmp_path, sample, capsys):
@@ -166,11 +173,12 @@ def test_cli_formats(tmp_path, sample, capsys):
     images = tmp_path / "imgs"
     shutil.copytree(sample / "images" / "val2014", images / "val2014")
     rc = main(["regions", "extract", "--images", str(images), "--out", str(tmp_path / "o"), "--arch", "tiny",
-               "--format", "h5,lxmert-tsv", "--workers", "0", "--recipe", "d2-maxnms36", "--no-lmdb"])
+               "--format", "h5,lxmert-tsv", "--workers", "0", "--recipe", "d2-maxnms36", "--no-lmdb",
+               "--weights", "random:0"])
     assert rc == 0
     assert (tmp_path / "o" / "h5" / "val2014_obj36-36.h5").exists()
-    assert (tmp_path / "o" / "lxmert" / "val2014_obj36-36.tsv").exists()
-    assert not (tmp_path / "o" / "volta").exists() and not (tmp_path / "o" / "trainval_feat.lmdb").exists()
+    assert (tmp_path / "o" / LXMERT / "val2014_obj36.tsv").exists()
+    assert not (tmp_path / "o" / VOLTA).exists()
     assert main(["regions", "extract", "--images", str(images), "--out", str(tmp_path / "p"), "--recipe", "nope",
                  "--arch", "tiny"]) == 2
     assert "unknown BUTD recipe 'nope'" in capsys.readouterr().err
@@ -183,9 +191,12 @@ def test_flickr30k_ids_lmdb_and_hard_negatives(tmp_path, sample, detector):
         shutil.copy(src, folder / f"{1000092795 + i}.jpg")
     out = tmp_path / "flickr30k"
     _run(folder, out, 2, detector, dataset="flickr30k")
-    rows = list(volta_tsv.read_tsv(out / "volta" / "flickr30k_images_obj36-36.tsv"))
+    # VOLTA data/flickr30k/convert_flickr30k_lmdb.py opens indir + "flickr30k_obj36-36.tsv" (--split flickr30k),
+    # whatever the image folder is called; its configs open <dataroot>/<VOLTA>/volta/flickr30k_feat.lmdb
+    rows = list(volta_tsv.read_tsv(out / VOLTA / "flickr30k_obj36-36.tsv"))
+    assert (out / "lxmert" / "data" / "flickr30k_imgfeat" / "flickr30k_obj36.tsv").exists()
     assert [r["img_id"] for r in rows] == [str(1000092795 + i) for i in range(4)]
-    assert regions.lmdb(str(out))["lmdb"] == {str(out / "flickr30k_feat.lmdb"): 4}
+    assert regions.lmdb(str(out))["lmdb"] == {str(out / VOLTA / "volta" / "flickr30k_feat.lmdb"): 4}
     karpathy = tmp_path / "dataset_flickr30k.json"
     karpathy.write_text(json.dumps({"images": [
         {"split": "train", "filename": f"{1000092795 + i}.jpg", "sentences": [{"raw": f"photo {i}"}]}
@@ -221,7 +232,8 @@ def test_split_group_reaches_the_plan(tmp_path, sample):
 
     out = tmp_path / "o"
     assert main(["regions", "extract", "--images", str(sample / "images"), "--out", str(out), "--arch", "tiny",
-                 "--workers", "0", "--shards", "4", "--split", "group", "--no-lmdb", "--format", "lxmert-tsv"]) == 0
+                 "--workers", "0", "--shards", "4", "--split", "group", "--no-lmdb", "--format", "lxmert-tsv",
+                 "--weights", "random:0"]) == 0
     plan = json.loads((out / "_work" / "regions" / "plan.json").read_text())
     assert plan["split"] == "group" and plan["bounds"] == [[0, 1], [1, 2], [2, 3], [3, 6]]  # upstream's rule
 

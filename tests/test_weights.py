@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -177,3 +178,144 @@ def test_shared_vg_vocab():
     assert (len(objects), len(attributes)) == (1600, 400)
     assert objects[0] == "yolk" and attributes[0] == "gray" and attributes[1] == "multi colored"
     assert all(label and "," not in label for label in objects + attributes)
+
+
+# --- "default": the published weights when reachable (a loopback server stands in), else random:0, flagged
+
+
+def _tiny_butd_checkpoint(path: Path) -> bytes:
+    """A BUTD checkpoint in the real torch format: the tiny detector's own state dict, random-initialised."""
+    model = load_detector("random:3", config=BUTDConfig.tiny())
+    torch.save(model.state_dict(), path)
+    return path.read_bytes()
+
+
+def test_default_downloads_the_published_file_then_uses_the_cache(http_files, tmp_path, monkeypatch, caplog):
+    base, root, requests = http_files
+    raw = _tiny_butd_checkpoint(root / "butd.pth")
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_BUTD", f"{base}/butd.pth")
+    cache = tmp_path / "cache"
+    model = load_detector("default", config=BUTDConfig.tiny(), cache_dir=cache)
+    assert not model.is_random and model.weights.sha256 == hashlib.sha256(raw).hexdigest()
+    reference = load_detector("random:3", config=BUTDConfig.tiny())
+    name, tensor = next(iter(reference.state_dict().items()))
+    torch.testing.assert_close(model.state_dict()[name], tensor)
+    digest, size = (model.weights.path.parent / (model.weights.path.name + ".sha256")).read_text().split()
+    assert digest == model.weights.sha256 and int(size) == len(raw)  # recorded at the first download
+    (root / "butd.pth").unlink()  # the server no longer has it: the cache answers
+    again = weights.resolve("default", model="butd", cache_dir=cache)
+    assert again.path == model.weights.path and len(requests) == 1 and not again.is_random
+
+
+def test_default_tampered_cache_is_downloaded_again_then_refused_if_the_file_changed(http_files, tmp_path,
+                                                                                    monkeypatch):
+    base, root, requests = http_files
+    raw = _tiny_butd_checkpoint(root / "butd.pth")
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_BUTD", f"{base}/butd.pth")
+    cache = tmp_path / "cache"
+    first = weights.resolve("default", model="butd", cache_dir=cache)
+    first.path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))  # same size, one bit flipped
+    fixed = weights.resolve("default", model="butd", cache_dir=cache)
+    assert fixed.path.read_bytes() == raw and len(requests) == 2
+    (root / "butd.pth").write_bytes(raw + b"changed upstream")
+    first.path.write_bytes(b"truncated")
+    with pytest.raises(VlprepError, match="differs from the first download"):
+        weights.resolve("default", model="butd", cache_dir=cache)
+    assert len(requests) == 3
+    pinned = hashlib.sha256(raw + b"changed upstream").hexdigest()  # a #sha256= pin wins over the record
+    assert weights.resolve(f"{base}/butd.pth#sha256={pinned}", cache_dir=cache).sha256 == pinned
+
+
+def test_default_unreachable_falls_back_to_random_0_flagged(http_files, tmp_path, monkeypatch, caplog):
+    base, _, _ = http_files
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_BUTD", f"{base}/gone.pth")
+    with caplog.at_level("WARNING"):
+        model = load_detector("default", config=BUTDConfig.tiny(), cache_dir=tmp_path / "cache")
+    assert model.is_random and model.weights.seed == 0 and "gone.pth" in model.weights.fallback
+    assert "Using RANDOM weights (random:0)" in caplog.text and "butd" in caplog.text
+    reference = load_detector("random:0", config=BUTDConfig.tiny())
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+    matcher = weights.resolve("default", model="matcher")  # none published
+    assert matcher.is_random and matcher.fallback == "none are published"
+    with pytest.raises(VlprepError, match="need a model"):
+        weights.resolve("default")
+
+
+# --- plan time: "default" becomes one concrete spec, recorded in the settings every shard reads
+
+
+def _sha(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def test_regions_plan_pins_default_once_for_every_shard(http_files, tmp_path, monkeypatch, sample):
+    from vlprep.stages import regions
+
+    base, root, requests = http_files
+    raw = _small_checkpoint(root / "butd.pkl")  # the plan only downloads and hashes; it loads nothing
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_BUTD", f"{base}/butd.pkl")
+    monkeypatch.setenv("VLPREP_CACHE", str(tmp_path / "cache"))
+    asked = regions.Settings(images=str(sample / "images"), weights="default")
+    regions.plan(str(tmp_path / "online"), asked, num_shards=2)
+    online = regions.STAGE.open(str(tmp_path / "online")).settings()
+    assert online.weights == f"{base}/butd.pkl#sha256={_sha(raw)}" and online.weights_fallback == ""
+    (root / "butd.pkl").unlink()  # a shard resolves the recorded spec: the plan's file, from the cache
+    assert weights.resolve(online.weights).path.read_bytes() == raw and requests == ["/butd.pkl"]
+
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_BUTD", f"{base}/gone.pkl")  # the network is gone
+    regions.plan(str(tmp_path / "offline"), asked, num_shards=2)
+    offline = regions.STAGE.open(str(tmp_path / "offline")).settings()
+    assert offline.weights == "random:0" and "gone.pkl" in offline.weights_fallback
+    assert offline.fingerprint() != online.fingerprint()  # real and random shards are never mixed
+
+    regions.plan(str(tmp_path / "tiny"), dataclasses.replace(asked, arch="tiny"))
+    tiny = regions.STAGE.open(str(tmp_path / "tiny")).settings()
+    assert (tiny.weights, tiny.weights_fallback) == ("random:0", "arch tiny: the published weights are for the "
+                                                                  "full detector")
+    assert requests == ["/butd.pkl", "/gone.pkl"]  # tiny asked nothing: the published file cannot fit it
+    explicit = dataclasses.replace(asked, weights="random:7")
+    regions.plan(str(tmp_path / "explicit"), explicit)
+    assert regions.STAGE.open(str(tmp_path / "explicit")).settings() == explicit
+
+
+def test_xlxmert_plan_pins_default(http_files, tmp_path, monkeypatch, sample):
+    from vlprep.stages import xlxmert
+
+    base, root, requests = http_files
+    raw = _small_checkpoint(root / "detectron_model.pth")
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_X152", f"{base}/detectron_model.pth")
+    monkeypatch.setenv("VLPREP_CACHE", str(tmp_path / "cache"))
+    asked = xlxmert.Settings(images=str(sample / "images"), weights="default")
+    xlxmert.plan(str(tmp_path / "out"), asked)
+    recorded = xlxmert.extraction_stage("grid8").open(str(tmp_path / "out")).settings()
+    assert (recorded.weights, recorded.weights_fallback) == (f"{base}/detectron_model.pth#sha256={_sha(raw)}", "")
+    xlxmert.plan(str(tmp_path / "tiny"), dataclasses.replace(asked, arch="tiny"))
+    tiny = xlxmert.extraction_stage("grid8").open(str(tmp_path / "tiny")).settings()
+    assert tiny.weights == "random:0" and tiny.weights_fallback.startswith("arch tiny") and len(requests) == 1
+
+
+def test_clip_default_is_the_openai_tag_file_pinned_and_loads_from_the_cache(http_files, tmp_path, monkeypatch):
+    from vlprep.models import clip
+
+    base, root, requests = http_files
+    tiny = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32,
+                                            "patch_size": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    model, _ = clip.load_model("ViT-B-32", "random:5", tiny)
+    torch.save(model.state_dict(), root / "open_clip_pytorch_model.bin")  # open_clip's own file format
+    raw = (root / "open_clip_pytorch_model.bin").read_bytes()
+    assert clip.published_weights("ViT-B-32") == (
+        "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_pytorch_model.bin")
+    monkeypatch.setenv("VLPREP_WEIGHTS_URL_CLIP_VIT_B_32", f"{base}/open_clip_pytorch_model.bin")
+    monkeypatch.setenv("VLPREP_CACHE", str(tmp_path / "cache"))
+    spec, why = clip.pin_weights("default", "ViT-B-32")
+    assert (spec, why) == (f"{base}/open_clip_pytorch_model.bin#sha256={_sha(raw)}", "")
+    (root / "open_clip_pytorch_model.bin").unlink()
+    loaded, info = clip.load_model("ViT-B-32", spec, tiny)  # what a shard does with the recorded spec
+    assert not info.is_random and requests == ["/open_clip_pytorch_model.bin"]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+    assert clip.pin_weights("openai", "ViT-B-32") == ("openai", "")  # explicit tags stay open_clip's
+    spec, why = clip.pin_weights("default", "ViT-B-32", tiny)  # a replaced architecture: random, no download
+    assert spec == "random:0" and "model_cfg" in why and len(requests) == 1

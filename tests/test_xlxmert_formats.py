@@ -59,8 +59,8 @@ def test_feature_file_names():
     assert xh.feature_file("vg") == "VG/features/maskrcnn_grid8.h5"
     assert xh.feature_file("vg", kind="boxes36") == "VG/features/maskrcnn_boxes36.h5"
     assert xh.feature_file("gqa", imsize=256) == "GQA/features/maskrcnn_grid8_imsize256.h5"
-    assert xh.feature_file("nlvr2", "dev") == "nlvr2/features/maskrcnn_valid_grid8.h5"
-    assert xh.feature_file("nlvr2", "test1", imsize=128) == "nlvr2/features/maskrcnn_test_grid8_imsize128.h5"
+    assert xh.feature_file("nlvr2", "dev") == "nlvr2/features/maskrcnn_valid_v4_grid8.h5"
+    assert xh.feature_file("nlvr2", "test1", imsize=128) == "nlvr2/features/maskrcnn_test_v4_grid8_imsize128.h5"
     for bad in (
         lambda: xh.feature_file("vg", "train"),
         lambda: xh.feature_file("coco", "train2017"),

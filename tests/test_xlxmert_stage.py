@@ -108,7 +108,7 @@ def test_grid_report_and_imsize_names(grid):
     assert TRAIN in html and "RANDOM weights" in html
     assert _settings(imsize=448).feature_file("train2014") == "COCO/features/maskrcnn_train_grid8_imsize448.h5"
     assert _settings(dataset="vg").feature_file("all") == "VG/features/maskrcnn_grid8.h5"
-    assert _settings(dataset="nlvr2").feature_file("dev") == "nlvr2/features/maskrcnn_valid_grid8.h5"
+    assert _settings(dataset="nlvr2").feature_file("dev") == "nlvr2/features/maskrcnn_valid_v4_grid8.h5"
 
 
 def test_plan_refuses_what_x_lxmert_cannot_name(tmp_path):
@@ -144,6 +144,9 @@ def test_vocabulary_is_upstreams_kmeans_and_assignment(vocab):
     km = faiss.Kmeans(32, 8, niter=20, seed=1234)  # upstream's call (faiss defaults otherwise)
     km.train(src)
     np.testing.assert_allclose(centroids, km.centroids, rtol=1e-5, atol=1e-5)
+    # where X-LXMERT's image generator opens them (image_generator/src/main.py: ../datasets/cluster_centroids/)
+    assert v.generator_centroids_file() == "cluster_centroids/maskrcnn_mscoco_train_centroids8_iter20_d32_grid8.npy"
+    assert (out / v.generator_centroids_file()).read_bytes() == (out / v.centroids_file()).read_bytes()
     for tgt, path in (("mscoco_train", TRAIN), ("mscoco_valid", VALID)):
         keys, x = _cells(out / path)
         index = faiss.IndexFlatL2(32)

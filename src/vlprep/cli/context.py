@@ -25,8 +25,9 @@ def add(sub) -> None:
     s.add_argument("--relationships", required=True)
     s.add_argument("--out", required=True, help="output directory or gs:// prefix")
     s.add_argument("--recipe", default="xmodal-ctx", choices=["xmodal-ctx", "haav"])
-    s.add_argument("--weights", default="openai",
-                   help="CLIP weights: open_clip tag (openai), checkpoint file/URL, or random:SEED")
+    s.add_argument("--weights", default="default",
+                   help="CLIP weights: default (the openai tag's file, cached; random:0, flagged, when offline), "
+                   "open_clip tag, checkpoint file/URL, or random:SEED")
     s.add_argument("--text-weights", default="", help="haav: weights of the ViT-L-14 text model (default --weights)")
     s.add_argument("--model-cfg", default="", help="'tiny' or an open_clip model config JSON (tests)")
     s.add_argument("--index", default="ivf", choices=["ivf", "flat"], help="ivf (upstream) or flat (exact, small corpora)")

@@ -20,7 +20,8 @@ def add(sub) -> None:
     s.add_argument("--recipe", default="caffe36",
                    help="caffe10-100 | caffe36 | d2-nb36 | d2-maxnms36 | d2-maxnms36-volta | given-boxes")
     s.add_argument("--recipe-params", default="{}", help='JSON overrides, e.g. \'{"nms_start": 0.5}\'')
-    s.add_argument("--weights", default="random:0", help="URL, gs://, local path or random:<seed> (offline demo)")
+    s.add_argument("--weights", default="default", help="default (the published BUTD weights, cached; random:0, "
+                   "flagged, when offline), URL, gs://, local path or random:<seed>")
     s.add_argument("--format", default="volta-tsv,lxmert-tsv", help="comma list of volta-tsv, lxmert-tsv, h5")
     s.add_argument("--arch", default="full", choices=["full", "tiny"], help="tiny: a small test configuration")
     s.add_argument("--autocast", default="", help="a torch dtype (e.g. float16) to run the detector under autocast")

@@ -19,8 +19,9 @@ def _add_extract(s) -> None:
     s.add_argument("--images", required=True, help="image folder / gs:// prefix, list file (.txt) or Karpathy file")
     s.add_argument("--image-root", default="", help="with a Karpathy file: the folder holding filepath/filename")
     s.add_argument("--kind", default="grid8", choices=["grid8", "boxes36"])
-    s.add_argument("--weights", required=True,
-                   help="detectron_model.pth spec: URL, gs://, local path, or random:<seed> (offline, flagged)")
+    s.add_argument("--weights", default="default",
+                   help="detectron_model.pth spec: default (the published file, cached; random:0, flagged, when "
+                   "offline), URL, gs://, local path, or random:<seed>")
     s.add_argument("--config", default="", help="detectron_config.yaml spec (default: the published model's values)")
     s.add_argument("--out", required=True, help="the datasets folder or gs:// prefix (COCO/features/... go under it)")
     s.add_argument("--dataset", default="coco", choices=["coco", "vg", "gqa", "nlvr2"],

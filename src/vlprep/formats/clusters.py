@@ -8,8 +8,10 @@ Files (X-LXMERT ``feature_extraction/run_kmeans.py``; ``{s}`` = ``_iter{I}_d{D}_
 - ``{enc}_{src}_{tgt}_img_id_to_cluster_id_{K}{s}.pkl``: dict group name (str) -> int64 [G*G].
 
 They go in ``clustering/`` under the datasets folder, where X-LXMERT's pretraining loader and image
-sampler read them (``x-lxmert/src/pretrain/lxmert_data.py``, ``lxmert_pretrain.py``); the script
-itself writes ``cluster_centroids/``, which nothing reads. The .pkl is pickled with protocol 4 and
+sampler read them (``x-lxmert/src/pretrain/lxmert_data.py``, ``lxmert_pretrain.py``,
+``x-lxmert/src/tasks/sample_images.py``); the centroids also go in ``cluster_centroids/``, where the
+script writes them and the image generator reads them (``image_generator/src/main.py``:
+``../datasets/cluster_centroids/``). The .pkl is pickled with protocol 4 and
 numpy 1.x names, loadable by X-LXMERT's numpy 1.x environment.
 
 Sources and targets are upstream's names (``TARGETS``) or ``NAME=path`` for any other grid HDF5.
@@ -34,6 +36,7 @@ from vlprep.formats.xlxmert_h5 import ENCODER, FEATURE_DIM, PartWriter, feature_
 from vlprep.safe_pickle import dumps, loads
 
 CLUSTER_DIR = "clustering"
+GENERATOR_DIR = "cluster_centroids"  # the image generator's copy of the centroids
 # upstream name -> (dataset, image folder) of its grid HDF5 (feature_file)
 TARGETS = {
     "mscoco_train": ("coco", "train2014"),
@@ -75,6 +78,10 @@ class Vocabulary:
 
     def centroids_file(self) -> str:
         return f"{CLUSTER_DIR}/{self.encoder}_{self.src}_centroids{self.k}{self._suffix}.npy"
+
+    def generator_centroids_file(self) -> str:
+        """The same centroids where X-LXMERT's image generator opens them."""
+        return self.centroids_file().replace(f"{CLUSTER_DIR}/", f"{GENERATOR_DIR}/", 1)
 
     def cluster_index_file(self, tgt: str) -> str:
         return f"{CLUSTER_DIR}/{self.encoder}_{self.src}_{_check_name(tgt)}_cluster_index_centroids{self.k}{self._suffix}.npy"

@@ -10,7 +10,8 @@ with box (j/G, i/G, (j+1)/G, (i+1)/G) at index i*G+j (``grid_boxes``), and divid
 ``img_w``/``img_h`` and clamps to [0, 1] itself.
 
 Names (``feature_file``): ``COCO/features/maskrcnn_{train,valid,test}_grid8.h5`` from train2014, val2014,
-test2015; ``nlvr2/features/maskrcnn_{train,valid,test}_grid8.h5`` from train, dev, test1;
+test2015; ``nlvr2/features/maskrcnn_{train,valid,test}_v4_grid8.h5`` from train, dev, test1 (the name
+NLVR2's fine-tuning loader opens; upstream's extractor and k-means leave out ``_v4``);
 ``VG/features/maskrcnn_grid8.h5`` and ``GQA/features/...`` (one file); optional ``_imsize{N}`` for grids.
 
 Shard parts are format-neutral (``PartWriter``): under a prefix, ``images.jsonl`` (one
@@ -95,7 +96,9 @@ def feature_file(
             raise VlprepError(f"{dataset} has one feature file for all images; do not give a split ({split!r})")
         name = f"{encoder}_{kind}"
     elif split in splits or split in splits.values():
-        name = f"{encoder}_{splits.get(split, split)}_{kind}"
+        # NLVR2's fine-tuning loader (x-lxmert/src/tasks/nlvr2_data.py) opens its grids as ``_v4_``
+        v4 = "_v4" if dataset == "nlvr2" and kind.startswith("grid") else ""
+        name = f"{encoder}_{splits.get(split, split)}{v4}_{kind}"
     else:
         raise VlprepError(
             f"{dataset}: unknown split {split!r}; use an image folder ({', '.join(splits)}) or a split "

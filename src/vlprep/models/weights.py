@@ -11,6 +11,17 @@ A spec is one of:
 - a local path (``#sha256=`` also allowed): used in place.
 - ``random:<seed>``: no file. The caller builds a deterministic random init of the real
   architecture; ``Resolved.is_random`` is True so that logs and reports can say so.
+- ``default``: the model's published weights (:data:`PUBLISHED`; ``$VLPREP_WEIGHTS_URL_<MODEL>``
+  overrides the address), downloaded once with a 10 s connect timeout and cached like any URL. When
+  they cannot be fetched (offline, or none published) it falls back to ``random:0`` with a WARNING
+  and ``Resolved.fallback`` saying why; reports and markers then show random weights. A run fixes
+  this choice once, at plan time (:func:`pin_default`): the settings record the published URL pinned
+  ``#sha256=`` (or ``random:0`` and the reason), so every shard, on any machine, loads the same weights.
+
+No checksum is published for these files: the sha256 and size of the first download are recorded
+beside the cached file (``<file>.sha256``) and checked on every later use. A cached file that fails
+them is downloaded once more and must then match the record (or the ``#sha256=`` pin, which wins);
+otherwise it is refused: the published file changed.
 
 Files ending in ``.gz`` (or starting with the gzip magic) are decompressed transparently when read.
 
@@ -27,6 +38,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -51,6 +63,16 @@ _VG_VOCAB_BASE = (
 VG_OBJECTS_VOCAB = _VG_VOCAB_BASE + "objects_vocab.txt"
 VG_ATTRIBUTES_VOCAB = _VG_VOCAB_BASE + "attributes_vocab.txt"
 
+# The X-LXMERT / ViLBERT multi-task VG X-152-32x8d-FPN detector (vqa-maskrcnn-benchmark format).
+X152_VG_WEIGHTS = "https://dl.fbaipublicfiles.com/vilbert-multi-task/detectron_model.pth"
+# "default" per model: None where nothing is published (Maria's matcher is trained by the user)
+PUBLISHED = {"butd": BUTD_VG_ATTR_WEIGHTS, "x152": X152_VG_WEIGHTS, "matcher": None}
+DEFAULT = "default"
+URL_ENV = "VLPREP_WEIGHTS_URL_{}"  # e.g. VLPREP_WEIGHTS_URL_BUTD: a mirror of the published file
+FALLBACK = "random:0"
+CONNECT_TIMEOUT = 10  # seconds: an unreachable default falls back quickly
+DOWNLOAD_TIMEOUT = 60
+
 CACHE_ENV = "VLPREP_CACHE"
 _BLOCK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -65,8 +87,11 @@ class Resolved:
     is_random: bool = False
     seed: int | None = None
     sha256: str | None = None  # digest of ``path`` when it was computed (downloads, #sha256= specs)
+    fallback: str = ""  # why ``default`` fell back to random weights ("" when it did not)
 
     def describe(self) -> str:
+        if self.fallback:
+            return f"{DEFAULT} -> {FALLBACK} (RANDOM weights: {self.fallback})"
         if self.is_random:
             return f"{self.spec} (RANDOM weights, seed {self.seed}: not a trained model)"
         return f"{self.spec} -> {self.path}" + (f" (sha256 {self.sha256})" if self.sha256 else "")
@@ -110,9 +135,69 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def resolve(spec: str | Path, *, cache_dir: str | Path | None = None) -> Resolved:
-    """Resolve a weights or vocabulary spec (see the module docstring) to a local file."""
+class Unreachable(VlprepError):
+    """A download that could not be made (network, HTTP error): ``default`` falls back on it."""
+
+
+def url_env(model: str) -> str:
+    """The variable that overrides ``model``'s published address (``clip-ViT-B-32`` -> ``..._CLIP_VIT_B_32``)."""
+    return URL_ENV.format(re.sub(r"[^A-Z0-9]", "_", model.upper()))
+
+
+def published_url(model: str, published: str | None = None) -> str | None:
+    """The address ``default`` downloads for ``model``: ``$VLPREP_WEIGHTS_URL_<MODEL>``, else :data:`PUBLISHED`
+    (``published`` gives it for models outside that table, e.g. CLIP architectures)."""
+    if model not in PUBLISHED and published is None:
+        raise VlprepError(f"no default weights for model {model!r}; models: {', '.join(PUBLISHED)}")
+    return os.environ.get(url_env(model)) or (PUBLISHED[model] if model in PUBLISHED else published)
+
+
+def random_fallback(model: str, reason: str) -> Resolved:
+    """``random:0`` in place of ``model``'s published weights, with a WARNING that cannot be missed."""
+    log.warning("%s\n!!! %s: published weights unavailable (%s).\n!!! Using RANDOM weights (%s): features are "
+                "NOT meaningful. Pass --weights <file or URL> for real features.\n%s",
+                "!" * 78, model, reason, FALLBACK, "!" * 78)
+    return Resolved(spec=FALLBACK, path=None, is_random=True, seed=parse_random_spec(FALLBACK), fallback=reason)
+
+
+def resolve_default(model: str, *, cache_dir: str | Path | None = None, published: str | None = None) -> Resolved:
+    """``model``'s published weights, cached (``spec``: the URL pinned ``#sha256=``); :func:`random_fallback`
+    when they cannot be downloaded."""
+    url = published_url(model, published)
+    if not url:
+        return random_fallback(model, "none are published")
+    try:
+        path, digest = _cached_copy(url, None, Path(cache_dir) if cache_dir else default_cache_dir(),
+                                    timeout=CONNECT_TIMEOUT)
+    except Unreachable as e:
+        return random_fallback(model, str(e))
+    return Resolved(spec=f"{url}#sha256={digest}", path=path, sha256=digest)
+
+
+def pin_default(spec: str, model: str, *, unfit: str = "", published: str | None = None,
+                cache_dir: str | Path | None = None) -> tuple[str, str]:
+    """(concrete spec, fallback reason) for a plan step to record, so that every shard loads the same weights.
+
+    ``default`` becomes the published URL pinned ``#sha256=`` (downloaded into the cache now), or
+    ``random:0`` with the reason (flagged loudly) when it cannot be fetched, or when ``unfit`` says why
+    the published weights do not fit the configured architecture. Any other spec comes back as given, "".
+    """
     spec = str(spec)
+    if spec != DEFAULT:
+        return spec, ""
+    resolved = (random_fallback(model, unfit) if unfit else
+                resolve_default(model, cache_dir=cache_dir, published=published))
+    return resolved.spec, resolved.fallback
+
+
+def resolve(spec: str | Path, *, cache_dir: str | Path | None = None, model: str | None = None) -> Resolved:
+    """Resolve a weights or vocabulary spec (see the module docstring) to a local file; ``model`` names
+    whose published weights ``default`` stands for."""
+    spec = str(spec)
+    if spec == DEFAULT:
+        if model is None:
+            raise VlprepError("'default' weights need a model; pass a file, URL or random:<seed> here")
+        return resolve_default(model, cache_dir=cache_dir)
     seed = parse_random_spec(spec)
     if seed is not None:
         return Resolved(spec=spec, path=None, is_random=True, seed=seed)
@@ -142,40 +227,60 @@ def _cache_path(location: str, cache_dir: Path) -> Path:
     return cache_dir / "weights" / f"{key}-{name}"
 
 
-def _cached_copy(location: str, expected: str | None, cache_dir: Path) -> tuple[Path, str]:
-    """The cached copy of a URL, downloaded if absent or if it fails its checksum."""
+def _recorded(sidecar: Path) -> tuple[str | None, int | None]:
+    """(sha256, size) recorded at the first download (older records hold only the digest)."""
+    if not sidecar.is_file():
+        return None, None
+    fields = sidecar.read_text().split()
+    return (fields[0] if fields else None), (int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None)
+
+
+def _cached_copy(location: str, expected: str | None, cache_dir: Path, *,
+                 timeout: float = DOWNLOAD_TIMEOUT) -> tuple[Path, str]:
+    """The cached copy of a URL, downloaded if absent; one that fails its record is downloaded once
+    more, and the new copy must match the record (a ``#sha256=`` pin wins over it)."""
     target = _cache_path(location, cache_dir)
     sidecar = target.with_name(target.name + ".sha256")
-    if target.is_file() and sidecar.is_file():
-        recorded = sidecar.read_text().strip()
-        digest = file_sha256(target)
+    recorded, size = _recorded(sidecar)
+    if target.is_file() and recorded:
+        digest = file_sha256(target) if size in (None, target.stat().st_size) else None
         if digest == recorded and (expected is None or digest == expected):
             return target, digest
         log.warning("cached %s for %s fails its checksum; downloading again", target, location)
+    digest = _download(location, target, expected or recorded, timeout, pinned=bool(expected))
+    sidecar.write_text(f"{digest} {target.stat().st_size}\n")
+    log.info("downloaded %s -> %s (sha256 %s)", location, target, digest)
+    return target, digest
+
+
+def _download(location: str, target: Path, expected: str | None, timeout: float, *, pinned: bool) -> str:
+    """Download ``location`` to a temp file beside ``target``; publish it only when it has ``expected``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix="-" + target.name)
     tmp = Path(tmp_name)
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, _open_remote(location) as src:
-            for block in iter(lambda: src.read(_BLOCK), b""):
-                h.update(block)
-                out.write(block)
+        with os.fdopen(fd, "wb") as out, _open_remote(location, timeout) as src:
+            try:
+                for block in iter(lambda: src.read(_BLOCK), b""):
+                    h.update(block)
+                    out.write(block)
+            except (TimeoutError, ConnectionError) as e:  # stalled or cut mid-way
+                raise Unreachable(f"{location}: download interrupted ({e}); run again, or pass a local copy") from None
         digest = h.hexdigest()
         if expected is not None and digest != expected:
-            raise VlprepError(
-                f"{location}: downloaded file has sha256 {digest}, expected {expected}. The file at that "
-                "address changed or is corrupt: fix the #sha256= suffix or the URL."
-            )
+            fix = ("fix the #sha256= suffix or the URL" if pinned else
+                   f"it differs from the first download recorded in {target}.sha256: delete that file to accept the "
+                   "new one, or pin the digest you trust with #sha256=")
+            raise VlprepError(f"{location}: downloaded file has sha256 {digest}, expected {expected}. The file at that "
+                              f"address changed or is corrupt: {fix}.")
         os.replace(tmp, target)
-        sidecar.write_text(digest + "\n")
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("downloaded %s -> %s (sha256 %s)", location, target, digest)
-    return target, digest
+    return digest
 
 
-def _open_remote(location: str) -> BinaryIO:
+def _open_remote(location: str, timeout: float = DOWNLOAD_TIMEOUT) -> BinaryIO:
     if location.startswith(("gs://", "s3://")):
         from vlprep import storage
 
@@ -184,9 +289,9 @@ def _open_remote(location: str) -> BinaryIO:
         except FileNotFoundError as e:
             raise VlprepError(f"{location}: not found ({e}); check the path") from None
     try:
-        return urllib.request.urlopen(location, timeout=60)
+        return urllib.request.urlopen(location, timeout=timeout)
     except (urllib.error.URLError, OSError) as e:
-        raise VlprepError(
+        raise Unreachable(
             f"{location}: download failed ({e}). Download the file by other means and pass its local "
             "path (or a gs:// copy) instead."
         ) from None

@@ -45,7 +45,8 @@ def context_html(summary: dict, samples: list[dict], top: int = 3) -> str:
     """``samples``: ``{key, uri, size, views: {view: {texts, scores}}}`` of the images to show."""
     parts = []
     if summary["random_weights"]:
-        parts.append("<p><b>RANDOM weights: these phrases are not meaningful (a test or demo run).</b></p>")
+        parts.append("<p><b>RANDOM weights: these phrases are not meaningful (a test or demo run).</b>"
+                     f"{html.fallback(summary)}</p>")
     info = [{"what": k, "value": summary.get(k, "-")} for k in ("recipe", "images", "phrases", "index", "nprobe", "topk")]
     info += [{"what": f"weights ({r})", "value": d} for r, d in summary["weights"].items()]
     parts.append(html.table(info))

@@ -9,6 +9,12 @@ def escape(value) -> str:
     return html.escape(str(value))
 
 
+def fallback(summary: dict) -> str:
+    """Why ``default`` weights became random ones (`` ...``), for a RANDOM banner; "" when they did not."""
+    reason = summary.get("weights_fallback")
+    return f" The published weights were not used: {escape(reason)}." if reason else ""
+
+
 def table(rows: list[dict], style: str = "") -> str:
     """An HTML table of dicts (the first row's keys are the columns); every cell is escaped."""
     if not rows:

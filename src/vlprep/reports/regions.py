@@ -31,7 +31,7 @@ def regions_html(summary: dict, samples: list[dict], vocab_objects: str = "", vo
     figures = [_figure(s, objects, attributes) for s in samples]
     secs = summary["extract_seconds"] or 1e-9
     warn = ("<p style='color:#b00'><b>RANDOM weights</b>: boxes and labels are not meaningful; pass a real "
-            "weights spec.</p>") if summary["random_weights"] else ""
+            f"weights spec.{html.fallback(summary)}</p>") if summary["random_weights"] else ""
     rows = [{"file": k, "rows": v} for k, v in summary["files"].items()]
     stats = [{"images": summary["images"], "failed": len(summary["failed"]), "shards": summary["shards"],
               "images/s (per pod)": f"{summary['images'] / secs:.2f}",

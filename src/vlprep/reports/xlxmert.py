@@ -53,7 +53,7 @@ def features_html(summary: dict, samples: list[tuple[dict, dict]]) -> str:
     failed = "".join(f"<li>{html.escape(f['item'])}: {html.escape(f['error'])}</li>" for f in summary["failed"])
     notes = "".join(f"<li>{html.escape(n['item'])}: {html.escape(n['note'])}</li>" for n in summary["notes"])
     size = f", imsize {summary['imsize']}" if summary["imsize"] else ""
-    body = ((_RANDOM if summary["random_weights"] else "")
+    body = ((_RANDOM.replace("</p>", html.fallback(summary) + "</p>") if summary["random_weights"] else "")
             + f"<p>kind <code>{html.escape(summary['kind'])}</code>{html.escape(size)}, dataset "
             f"{html.escape(summary['dataset'])}, arch {html.escape(summary['arch'])}, weights "
             f"<code>{html.escape(summary['weights'])}</code></p>" + html.table(stats) + "<h2>Files</h2>"
@@ -115,7 +115,7 @@ def clusters_html(summary: dict, views: dict) -> str:
     vocab = summary["vocabulary"]
     targets = [{"target": n, **t} for n, t in summary["targets"].items()]
     files = [{"file": k, "rows": v} for k, v in summary["files"].items()]
-    body = ((_RANDOM if summary["random_weights"] else "")
+    body = ((_RANDOM.replace("</p>", html.fallback(summary) + "</p>") if summary["random_weights"] else "")
             + f"<p>k-means on <code>{html.escape(vocab['src'])}</code>: K={vocab['k']}, {vocab['niter']} iterations, "
             f"d={vocab['dim']}, grid {vocab['grid_size']}; centroids <code>{html.escape(summary['centroids'])}</code></p>"
             + html.table(targets) + "<h2>Files</h2>" + html.table(files)

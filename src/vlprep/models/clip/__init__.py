@@ -43,7 +43,10 @@ The two differ by one pixel of crop offset when ``H - 224`` (or ``W - 224``) is 
 identical, pixel for pixel. open_clip's own eval transform is the torchvision one (= haav). Today's
 transformers ``CLIPImageProcessor`` reproduces neither: see :func:`preprocess`.
 
-**Weights** (per model): an open_clip pretrained tag (``openai``), a local file or URL (resolved by
+**Weights** (per model): ``default`` (the file of open_clip's ``openai`` tag, downloaded once, cached and
+pinned ``#sha256=`` by :func:`pin_weights`; ``random:0``, loudly flagged, when it cannot be fetched or a
+``model_cfg`` replaces the architecture; ``$VLPREP_WEIGHTS_URL_CLIP_VIT_B_32`` etc. name a mirror), an
+open_clip pretrained tag (``openai``: open_clip's own download), a local file or URL (resolved by
 :mod:`vlprep.models.weights`; open_clip or HF ``CLIPModel`` state dicts, or OpenAI's TorchScript
 ``.pt``), or ``random:<seed>`` (deterministic init of the real architecture, flagged as random). A
 ``model_cfg`` (open_clip model config dict: ``embed_dim``, ``vision_cfg``, ``text_cfg``) replaces the
@@ -55,6 +58,8 @@ from vlprep.models.clip.encoder import (
     ClipContextEncoder,
     LoadedWeights,
     load_model,
+    pin_weights,
+    published_weights,
     read_state_dict,
     text_eos,
     vision_tokens,

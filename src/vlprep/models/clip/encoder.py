@@ -72,12 +72,41 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+DEFAULT_TAG = "openai"  # what ``default`` means: OpenAI's CLIP, the model both upstreams use
+
+
+def published_weights(arch: str) -> str | None:
+    """The file open_clip downloads for ``arch``'s :data:`DEFAULT_TAG` (its HF hub copy, else its URL)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, DEFAULT_TAG)
+    if cfg.get("hf_hub"):
+        repo, _, name = cfg["hf_hub"].rpartition("/")  # "org/model/" names the repo; "org/model/file" a file
+        from open_clip.constants import HF_WEIGHTS_NAME
+
+        return f"https://huggingface.co/{repo}/resolve/main/{name or HF_WEIGHTS_NAME}"
+    return cfg.get("url") or None
+
+
+def pin_weights(spec: str, arch: str, model_cfg: Mapping | None = None) -> tuple[str, str]:
+    """``default`` -> the published :data:`DEFAULT_TAG` file pinned ``#sha256=`` (downloaded now), or
+    ``random:0`` and why (unreachable, or a ``model_cfg`` the published weights do not fit); see
+    :func:`vlprep.models.weights.pin_default`. Other specs come back unchanged, with ""."""
+    if str(spec) != wts.DEFAULT:
+        return str(spec), ""
+    unfit = f"model_cfg replaces the {arch} architecture: the published weights do not fit" if model_cfg else ""
+    return wts.pin_default(spec, f"clip-{arch}", unfit=unfit, published=None if unfit else published_weights(arch))
+
+
 def load_model(arch: str, spec: str, model_cfg: Mapping | None = None) -> tuple[torch.nn.Module, LoadedWeights]:
-    """An open_clip ``CLIP`` of architecture ``arch`` (QuickGELU, as OpenAI's), in eval mode on CPU."""
+    """An open_clip ``CLIP`` of architecture ``arch`` (QuickGELU, as OpenAI's), in eval mode on CPU.
+
+    ``spec``: ``default`` (:func:`pin_weights`), an open_clip pretrained tag, a checkpoint file / URL,
+    or ``random:<seed>``."""
     import open_clip
 
     cfg = dict(model_cfg or {})
-    spec = str(spec)
+    spec, fallback = pin_weights(spec, arch, cfg)
     seed = wts.parse_random_spec(spec)
     tags = open_clip.list_pretrained_tags_by_model(arch)
     try:
@@ -85,7 +114,9 @@ def load_model(arch: str, spec: str, model_cfg: Mapping | None = None) -> tuple[
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=True, **cfg)
-            info = LoadedWeights(arch, spec, True, f"{arch} RANDOM weights (seed {seed}): not a trained model", bool(cfg))
+            why = f"; the published weights were not used: {fallback}" if fallback else ""
+            info = LoadedWeights(arch, spec, True, f"{arch} RANDOM weights (seed {seed}): not a trained model{why}",
+                                 bool(cfg))
         elif spec in tags and not Path(spec).exists():
             if cfg:
                 raise VlprepError(f"model_cfg cannot be combined with the pretrained tag {spec!r}")
@@ -164,7 +195,7 @@ class ClipContextEncoder:
     """
 
     recipe: Recipe | str
-    weights: str | Mapping[str, str] = "openai"
+    weights: str | Mapping[str, str] = wts.DEFAULT
     model_cfg: Mapping | None = None
     device: str = "cpu"
     batch_size: int = 64

@@ -265,7 +265,7 @@ def load_detector(
 ) -> BUTDDetector:
     """Build the detector and load ``weights`` (a spec: URL, gs://, local path or ``random:<seed>``)."""
     model = BUTDDetector(config)
-    resolved = wts.resolve(weights, cache_dir=cache_dir)
+    resolved = wts.resolve(weights, cache_dir=cache_dir, model="butd")
     if resolved.is_random:
         checkpoints.init_random(model, resolved.seed or 0, _RANDOM_STDS)
         log.warning("BUTD detector uses RANDOM weights (%s): features are not meaningful", resolved.spec)

@@ -277,7 +277,7 @@ def load_x152(
             raise VlprepError(f"{config}: a config is a yaml file spec, not random:<seed>")
         cfg = config_from_yaml(Path(resolved_cfg.path).read_text(encoding="utf-8"), str(resolved_cfg.path))
     model = X152Detector(cfg)
-    resolved = wts.resolve(weights, cache_dir=cache_dir)
+    resolved = wts.resolve(weights, cache_dir=cache_dir, model="x152")
     if resolved.is_random:
         checkpoints.init_random(model, resolved.seed or 0, _RANDOM_STDS)
         log.warning("X-152 detector uses RANDOM weights (%s): features are not meaningful", resolved.spec)

@@ -1,13 +1,16 @@
 r"""Cross-modal context (Xmodal-Ctx / HAAV): CLIP visual context and retrieved Visual Genome phrases.
 
-Outputs under ``out``, in upstream's ``outputs/`` layout (``vlprep.formats.ctx_h5`` has the HDF5 details):
+Outputs under ``out`` (``vlprep.formats.ctx_h5`` has the HDF5 details). ``out`` is the captioning model's
+``--dataset_root``: Xmodal-Ctx ``m2/train.py`` and HAAV ``haav/train.py`` / ``test.py`` open
+``{dataset_root}/vis_ctx.hdf5`` and ``{dataset_root}/txt_ctx.hdf5`` (upstream's READMEs link them there
+from ``ctx/outputs/...``; here they are written there); add ``oscar.hdf5`` and ``annotations/`` beside them.
 
-- ``image_features/vis_ctx.hdf5``: every image through CLIP's image tower, keyed by image id;
+- ``vis_ctx.hdf5``: every image through CLIP's image tower, keyed by image id;
 - ``captions_db/vg_phrases.txt``: the VG phrase list (one per line; line number = row id);
 - ``captions_db/caption_db.hdf5``: phrase keys / values (``features`` in XC, ``values`` in HV) and
   texts, one group per batch of 512 rows (``recipe.caption_batch``), as upstream's ``encode_captions.py``;
 - ``retrieved_captions/faiss.index``: the inner-product index over the keys;
-- ``retrieved_captions/txt_ctx.hdf5``: top-k phrases (values, scores, texts) for the whole image, its
+- ``txt_ctx.hdf5``: top-k phrases (values, scores, texts) for the whole image, its
   five crops and its nine crops (``vlprep.models.crops``), k per recipe (XC 16/16/16, HV 128/32/16);
 - ``context_report.html``: sample images with their crops drawn and the top phrases of each.
 
@@ -16,7 +19,8 @@ order):
 
 1. :func:`plan` (``phrases.py``): the phrase list, the settings recorded (``settings.py``: recipe, weights,
    model config, batch sizes, top-k, index kind; every later step reads them, so steps of one run
-   cannot disagree), the phrase blocks planned; :func:`plan_images` (``images.py``) plans the image blocks.
+   cannot disagree; ``default`` weights are pinned here once: the published ``openai`` file with its
+   sha256, or ``random:0`` and the reason in ``weights_fallback``), the phrase blocks planned; :func:`plan_images` (``images.py``) plans the image blocks.
 2. :func:`encode_phrases` (one task per phrase shard): keys and values of its phrase blocks.
 3. :func:`build_index` (``caption_db.py``): ``caption_db.hdf5`` and the faiss index (``vlprep.index``).
 4. :func:`encode_images` (one task per image shard): 15 views per image (whole, 5 and 9 crops), the

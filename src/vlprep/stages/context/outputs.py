@@ -132,6 +132,7 @@ def merge(out: str) -> dict:
         "topk": list(settings.topk),
         "random_weights": any(m.get("random_weights") for _, m in image_done),
         "weights": next((m["weights"] for _, m in image_done if m.get("weights")), {}),
+        "weights_fallback": settings.weights_fallback,
         "shards": {"images": len(image_done), "retrieval": len(ret_done)},
         "files": {rel: storage.join(out, rel) for rel in (VIS_CTX, TXT_CTX, CAPTION_DB, FAISS_INDEX, PHRASES, REPORT)},
     }

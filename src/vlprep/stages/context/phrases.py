@@ -8,7 +8,7 @@ import numpy as np
 
 from vlprep import VlprepError, stage, storage
 from vlprep.data import visual_genome as vg
-from vlprep.stages.context.settings import PHRASES, STAGE, TEXT_FIELDS, Settings, encoder_for
+from vlprep.stages.context.settings import PHRASES, STAGE, TEXT_FIELDS, Settings, encoder_for, pin_weights
 
 
 def phrases(attributes: str, relationships: str, out_uri: str, attribute_leak: bool = True) -> dict:
@@ -35,11 +35,13 @@ def _sha(text: str) -> str:
 
 def plan(out: str, settings: Settings, *, num_shards: int = 1, split: str = "balanced") -> list[dict]:
     """The phrase list, the settings recorded, and shards of blocks of ``text_batch`` phrases (item:
-    ``[start, end, sha of the block]``); then :func:`vlprep.stages.context.plan_images`."""
+    ``[start, end, sha of the block]``); then :func:`vlprep.stages.context.plan_images`. ``default``
+    weights are pinned here, once (:func:`vlprep.stages.context.settings.pin_weights`)."""
     built = phrases(settings.attributes, settings.relationships, storage.join(out, PHRASES), settings.attribute_leak)
     if max(settings.topk) > built["phrases"]:
         raise VlprepError(f"top-k {settings.topk} is more than the {built['phrases']} phrases of the corpus; "
                           "pass a smaller topk (whole,five,nine)")
+    settings = pin_weights(settings)
     work = STAGE.start(out, settings)
     items = read_phrase_file(storage.join(out, PHRASES))
     b = settings.text_batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -18,12 +19,13 @@ TINY_CFG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 
-# outputs, relative to ``out``
-VIS_CTX = "image_features/vis_ctx.hdf5"
+# outputs, relative to ``out`` = the captioning model's --dataset_root: XC m2/train.py and HAAV haav/train.py,
+# test.py open ``dataset_root/vis_ctx.hdf5`` and ``dataset_root/txt_ctx.hdf5`` (upstream links them there by hand)
+VIS_CTX = "vis_ctx.hdf5"
 PHRASES = "captions_db/vg_phrases.txt"
 CAPTION_DB = "captions_db/caption_db.hdf5"
 FAISS_INDEX = "retrieved_captions/faiss.index"
-TXT_CTX = "retrieved_captions/txt_ctx.hdf5"
+TXT_CTX = "txt_ctx.hdf5"
 REPORT = "context_report.html"
 
 
@@ -45,6 +47,7 @@ class Settings(stage.Settings):
     text_batch: int
     encode_batch: int
     attribute_leak: bool
+    weights_fallback: str = ""  # why the plan turned default into random:0 ("" = it did not)
 
 
 # what each fan-out's shards depend on (its marker fingerprint)
@@ -90,7 +93,7 @@ def parse_topk(value, recipe) -> tuple[int, int, int]:
 
 
 def make_settings(*, images: str, attributes: str, relationships: str, image_root: str = "",
-                  recipe: str = "xmodal-ctx", weights: str = "openai", text_weights: str = "", model_cfg=None,
+                  recipe: str = "xmodal-ctx", weights: str = "default", text_weights: str = "", model_cfg=None,
                   index: str = "ivf", topk=None, image_batch: int = 0, text_batch: int = 0, encode_batch: int = 256,
                   attribute_leak: bool = True) -> Settings:
     """Settings from user values (by name): ``0`` batch sizes and an empty ``topk`` take the recipe's."""
@@ -112,6 +115,24 @@ def make_settings(*, images: str, attributes: str, relationships: str, image_roo
         image_batch=int(image_batch) or r.image_batch, text_batch=int(text_batch) or r.caption_batch,
         encode_batch=int(encode_batch) or 256, attribute_leak=bool(attribute_leak),
     )
+
+
+def pin_weights(settings: Settings) -> Settings:
+    """The settings with ``default`` weights made concrete once, at plan time (the published file pinned
+    ``#sha256=``, or random:0 with ``weights_fallback`` saying why), so every shard loads the same models."""
+    from vlprep.models.clip import get_recipe
+    from vlprep.models.clip import pin_weights as pin
+
+    r = get_recipe(settings.recipe)
+    weights, why = pin(settings.weights, r.image_model, settings.model_cfg)
+    text_weights, text_why = settings.text_weights, ""
+    if r.text_model != r.image_model:  # haav: its own text model; a spec it shares with images stays ""
+        given = settings.text_weights or settings.weights
+        pinned, text_why = pin(given, r.text_model, settings.model_cfg)
+        text_weights = pinned if pinned != given else settings.text_weights
+    reasons = "; ".join(dict.fromkeys(w for w in (why, text_why) if w))
+    return dataclasses.replace(settings, weights=weights, text_weights=text_weights,
+                               weights_fallback=reasons or settings.weights_fallback)
 
 
 def encoder_for(settings: Settings, device: str):

@@ -10,30 +10,32 @@ import numpy as np
 from vlprep import VlprepError, parts, storage
 from vlprep.data import ids
 from vlprep.stages.regions.render import records
-from vlprep.stages.regions.settings import STAGE, lmdb_name
+from vlprep.stages.regions.settings import STAGE, VOLTA_DIR, lmdb_path, split_of_tsv
 
 # upstream's LMDB order: train2014 then val2014, then any other folder by name
 LMDB_ORDER = {"train2014": 0, "val2014": 1}
 
 
 def lmdb(out: str) -> dict:
-    """VOLTA's LMDBs from the merged 13-field TSVs (COCO ``trainval_feat.lmdb`` = train2014 + val2014,
-    ``test_feat.lmdb`` = test2015; Flickr30k ``flickr30k_feat.lmdb``), streamed and built beside the
+    """VOLTA's LMDBs from the merged 13-field TSVs, in ``resnet101_faster_rcnn_genome_imgfeats/volta/``
+    (COCO ``trainval_feat.lmdb`` = train2014 + val2014, ``test_feat.lmdb`` = test2015; Flickr30k
+    ``flickr30k_feat.lmdb``), streamed and built beside the
     target, then renamed. Nothing when the settings ask for no LMDB or no VOLTA TSV."""
     from vlprep.formats import volta_lmdb
 
     settings = STAGE.open(out).settings()
     if not settings.lmdb or "volta-tsv" not in settings.wanted_formats:
         return {"lmdb": {}}
-    tsvs = [u for u in storage.list_prefix(storage.join(out, "volta")) if u.endswith(".tsv")]
+    folder = storage.join(out, VOLTA_DIR)
+    tsvs = [u for u in storage.list_prefix(folder) if u.endswith(".tsv") and storage.join(folder, Path(u).name) == u]
     if not tsvs:
-        raise VlprepError(f"{storage.join(out, 'volta')}: no merged VOLTA TSVs; run the merge step first")
+        raise VlprepError(f"{folder}: no merged VOLTA TSVs; run the merge step first")
     groups: dict[str, list[str]] = {}
     for uri in tsvs:
-        groups.setdefault(lmdb_name(Path(uri).name.split("_obj")[0], settings.dataset), []).append(uri)
+        groups.setdefault(lmdb_path(split_of_tsv(Path(uri).name), settings.dataset), []).append(uri)
     built = {}
     for target, uris in sorted(groups.items()):
-        uris.sort(key=lambda u: (LMDB_ORDER.get(Path(u).name.split("_obj")[0], 9), u))
+        uris.sort(key=lambda u: (LMDB_ORDER.get(split_of_tsv(Path(u).name), 9), u))
         dst_uri = storage.join(out, target)
         with parts.Mapped() as local, storage.local_dir_for(dst_uri) as tmp:
             paths = [local.local(u) for u in uris]

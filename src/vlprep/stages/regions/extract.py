@@ -8,6 +8,7 @@ renders the formats users read from them (``render.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -17,7 +18,8 @@ from vlprep import VlprepError, stage
 from vlprep.data import ids
 from vlprep.data import images as imgs
 from vlprep.data.loader import ImageDataset, image_loader
-from vlprep.stages.regions.settings import STAGE, Settings, box_range, lmdb_name
+from vlprep.models import weights as wts
+from vlprep.stages.regions.settings import STAGE, Settings, box_range, lmdb_path, output_split
 
 log = logging.getLogger("vlprep.regions")
 
@@ -26,9 +28,13 @@ IMAGES_PART = "images.jsonl"
 
 def plan(out: str, settings: Settings, *, num_shards: int = 1, split: str = "balanced") -> list[dict]:
     """Sorted image list (a COCO root with split folders, a Flickr30k folder, a list file or a Karpathy
-    file) split into shards; the settings are recorded for every later step."""
+    file) split into shards; the settings are recorded for every later step, ``default`` weights pinned
+    once here (the published URL with its sha256, or random:0 and why) so that every shard loads the same."""
     items = imgs.list_images(settings.check().images, settings.image_root)
     refuse_shared_ids(items, settings)
+    unfit = "arch tiny: the published weights are for the full detector" if settings.arch == "tiny" else ""
+    weights, fallback = wts.pin_default(settings.weights, "butd", unfit=unfit)
+    settings = dataclasses.replace(settings, weights=weights, weights_fallback=fallback or settings.weights_fallback)
     return STAGE.start(out, settings).plan(items, num_shards=num_shards, split=split)
 
 
@@ -36,13 +42,13 @@ def refuse_shared_ids(items: list[str], settings: Settings) -> None:
     """Two images that one TSV row (folder + VOLTA id) or one LMDB key would hold refuse the plan: the
     merge would otherwise keep one of them silently."""
     dataset = settings.dataset
-    ids.refuse_shared_ids(items, lambda u: (ids.split_of(u), ids.volta_id(u, dataset)),
-                          "a region TSV row is keyed by the image's folder and file stem")
+    ids.refuse_shared_ids(items, lambda u: (output_split(ids.split_of(u), dataset), ids.volta_id(u, dataset)),
+                          "a region TSV row is keyed by its output split and the image's file stem")
     if settings.lmdb and "volta-tsv" in settings.wanted_formats:
 
         def lmdb_entry(uri: str):
             try:
-                return lmdb_name(ids.split_of(uri), dataset), ids.lmdb_key(ids.volta_id(uri, dataset), dataset)
+                return lmdb_path(ids.split_of(uri), dataset), ids.lmdb_key(ids.volta_id(uri, dataset), dataset)
             except VlprepError:  # no LMDB key (not a COCO name): the LMDB build names the image
                 return uri
 

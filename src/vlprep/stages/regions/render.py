@@ -1,8 +1,10 @@
 """The merge: detector results from the verified shard parts -> the formats users read, and the report.
 
-Per image folder (COCO split), in shard order: ``volta/{split}_obj{lo}-{hi}.tsv`` (13 fields) and
-``lxmert/{split}_obj{lo}-{hi}.tsv`` (LXMERT's 10) written in one pass (each row encoded once), and/or
-``h5/{split}_obj....h5``. An image id met twice in one output keeps its first row (as upstream's
+Per split (COCO: the image folder; Flickr30k: ``flickr30k``), in shard order:
+``resnet101_faster_rcnn_genome_imgfeats/{split}_obj{lo}-{hi}.tsv`` (VOLTA's 13 fields) and
+``lxmert/data/mscoco_imgfeat/{split}_obj36.tsv`` (LXMERT's 10) written in one pass (each row encoded
+once), and/or ``h5/{split}_obj{lo}-{hi}.h5``; where each consumer opens them: see ``settings.py``.
+An image id met twice in one output keeps its first row (as upstream's
 merge would have it; counted in the summary). ``report.html`` (boxes and labels drawn on the first
 images, counts, throughput, skipped images) goes beside the outputs.
 """
@@ -17,7 +19,15 @@ import numpy as np
 from vlprep import parts, storage
 from vlprep.data import ids
 from vlprep.stages.regions.extract import IMAGES_PART
-from vlprep.stages.regions.settings import REPORT, STAGE, Settings, tsv_name
+from vlprep.stages.regions.settings import (
+    REPORT,
+    STAGE,
+    Settings,
+    h5_path,
+    lxmert_tsv_path,
+    output_split,
+    volta_tsv_path,
+)
 
 REPORT_SAMPLES = 6
 
@@ -37,7 +47,8 @@ def records(done, mapped: parts.Mapped, dataset: str) -> Iterator[tuple[int, str
             result.update({k: a[offset:offset + n] for k, a in arrays.items()})
             offset += n
             img_id = ids.volta_id(uri, dataset)
-            yield shard.index, ids.split_of(uri), uri, {**result, "img_id": img_id, "img_h": result["image_h"],
+            split = output_split(ids.split_of(uri), dataset)
+            yield shard.index, split, uri, {**result, "img_id": img_id, "img_h": result["image_h"],
                                                         "img_w": result["image_w"]}
 
 
@@ -60,18 +71,19 @@ def _first_of_each_id(items: list, dup: dict) -> Iterator[dict]:
         yield record
 
 
-def _write_tsvs(out: str, name: str, items: list, wanted: list[str], dup: dict) -> dict[str, int]:
+def _write_tsvs(out: str, split: str, settings: Settings, items: list, dup: dict) -> dict[str, int]:
     """The 13- and/or 10-field TSVs of one split in one pass."""
     from vlprep.formats import volta_tsv
 
-    targets = {"volta-tsv": ("volta", volta_tsv.VOLTA_FIELDS), "lxmert-tsv": ("lxmert", volta_tsv.LXMERT_FIELDS)}
-    chosen = {f: t for f, t in targets.items() if f in wanted}
+    targets = {"volta-tsv": (volta_tsv_path(split, settings), volta_tsv.VOLTA_FIELDS),
+               "lxmert-tsv": (lxmert_tsv_path(split, settings), volta_tsv.LXMERT_FIELDS)}
+    chosen = {f: t for f, t in targets.items() if f in settings.wanted_formats}
     if not chosen:
         return {}
     with contextlib.ExitStack() as stack:
-        writers = {storage.join(out, folder, name): volta_tsv.TsvWriter(
-            stack.enter_context(volta_tsv.atomic_text(storage.join(out, folder, name))), fields)
-            for folder, fields in chosen.values()}
+        writers = {storage.join(out, path): volta_tsv.TsvWriter(
+            stack.enter_context(volta_tsv.atomic_text(storage.join(out, path))), fields)
+            for path, fields in chosen.values()}
         for record in _first_of_each_id(items, dup):
             row = volta_tsv.encode_record(volta_tsv.volta_record(record, record["img_id"]))
             for w in writers.values():
@@ -79,10 +91,10 @@ def _write_tsvs(out: str, name: str, items: list, wanted: list[str], dup: dict) 
     return {uri: w.count for uri, w in writers.items()}
 
 
-def _write_h5(out: str, name: str, items: list, dup: dict) -> dict[str, int]:
+def _write_h5(out: str, split: str, settings: Settings, items: list, dup: dict) -> dict[str, int]:
     from vlprep.formats import region_h5
 
-    uri = storage.join(out, "h5", name.replace(".tsv", ".h5"))
+    uri = storage.join(out, h5_path(split, settings))
     with storage.local_file_for(uri) as dst:
         return {uri: region_h5.write_region_h5(dst, _first_of_each_id(items, dup), overwrite=True)}
 
@@ -99,10 +111,9 @@ def merge(out: str) -> dict:
     with parts.Mapped() as mapped:
         every = list(records(done, mapped, settings.dataset))
         for split, items in sorted(_by_split(every).items()):
-            name = tsv_name(split, settings)
-            summary["files"].update(_write_tsvs(out, name, items, settings.wanted_formats, dup))
+            summary["files"].update(_write_tsvs(out, split, settings, items, dup))
             if "h5" in settings.wanted_formats:
-                summary["files"].update(_write_h5(out, name, items, dup))
+                summary["files"].update(_write_h5(out, split, settings, items, dup))
         summary["duplicates"] = dup["duplicates"]
         samples = _samples(every, settings.recipe_object().exif)
         html = report.regions_html(summary, samples, settings.vocab_objects, settings.vocab_attributes)
@@ -125,4 +136,5 @@ def _summary(out: str, settings: Settings, done) -> dict:
             "notes": [n for _, m in done for n in m.get("notes", [])],
             "extract_seconds": round(sum(m.get("extract_seconds", 0) for _, m in done), 3),
             "model_seconds": round(sum(m.get("model_seconds", 0) for _, m in done), 3),
-            "random_weights": any(m.get("random_weights") for _, m in done)}
+            "random_weights": any(m.get("random_weights") for _, m in done),
+            "weights": settings.weights, "weights_fallback": settings.weights_fallback}

@@ -4,7 +4,9 @@ Steps (each a KFP component of the ``xlxmert`` pipeline; :func:`run` and :func:`
 in this process, in the same order):
 
 - :func:`plan` (``extract.py``): the settings (``settings.py``: kind, dataset, imsize, weights, config,
-  arch, autocast) recorded under ``_work/xlxmert/<kind>``, the sorted image list split into shards;
+  arch, autocast) recorded under ``_work/xlxmert/<kind>``, ``default`` weights pinned once (as regions':
+  the published URL with its sha256, or ``random:0`` and why; arch ``tiny`` takes ``random:0``), the
+  sorted image list split into shards;
   images outside the dataset's split folders or sharing a file stem stop it;
 - :func:`extract` (one GPU pod per shard): images decoded in DataLoader workers (no EXIF rotation, as
   upstream's ``PIL.Image.open``), batched by the X-152 detector so that batching never changes an

@@ -9,6 +9,7 @@ streams every folder's parts in shard order into ``{COCO,VG,GQA,nlvr2}/features/
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -18,6 +19,7 @@ from vlprep import VlprepError, stage, storage
 from vlprep.data import images as imgs
 from vlprep.data.loader import ImageDataset, image_loader
 from vlprep.formats import xlxmert_h5
+from vlprep.models import weights as wts
 from vlprep.stages.xlxmert.settings import Settings, extraction_stage, features_report
 
 log = logging.getLogger("vlprep.xlxmert")
@@ -27,7 +29,8 @@ REPORT_SAMPLES = 4
 
 def plan(out: str, settings: Settings, *, num_shards: int = 1, split: str = "balanced") -> list[dict]:
     """Sorted image list split into shards; the settings recorded for the later steps. Images outside
-    the dataset's split folders, and two images that would share one HDF5 group, stop the plan here."""
+    the dataset's split folders, and two images that would share one HDF5 group, stop the plan here.
+    ``default`` weights are pinned once here (the published URL with its sha256, or random:0 and why)."""
     settings.check()
     items = imgs.list_images(settings.images, settings.image_root)
     seen: dict[tuple[str, str], str] = {}
@@ -37,6 +40,9 @@ def plan(out: str, settings: Settings, *, num_shards: int = 1, split: str = "bal
             raise VlprepError(f"{seen[key]} and {uri} have the same file stem {key[1]!r}; X-LXMERT keys images by "
                               "stem in one file, so rename or drop one")
         seen[key] = uri
+    unfit = "arch tiny: the published weights are for the full X-152" if settings.arch == "tiny" else ""
+    weights, fallback = wts.pin_default(settings.weights, "x152", unfit=unfit)
+    settings = dataclasses.replace(settings, weights=weights, weights_fallback=fallback or settings.weights_fallback)
     specs = extraction_stage(settings.kind).start(out, settings).plan(items, num_shards=num_shards, split=split)
     return [{**s, "kind": settings.kind} for s in specs]
 
@@ -147,7 +153,7 @@ def _samples(done, layout: xlxmert_h5.Layout) -> list[tuple[dict, dict]]:
 
 def _summary(out: str, settings: Settings, done) -> dict:
     return {"stage": "xlxmert", "kind": settings.kind, "dataset": settings.dataset, "imsize": settings.imsize,
-            "weights": settings.weights, "arch": settings.arch, "out": out, "files": {}, "names": {},
+            "weights": settings.weights, "weights_fallback": settings.weights_fallback, "arch": settings.arch, "out": out, "files": {}, "names": {},
             "shards": len(done), "images": sum(m.get("images", 0) for _, m in done),
             "failed": [f for _, m in done for f in m["failed"]],
             "notes": [n for _, m in done for n in m.get("notes", [])],

@@ -36,11 +36,12 @@ class Settings(stage.Settings):
     kind: str = "grid8"  # grid8 | boxes36 (vlprep.models.detection.x152 recipes)
     dataset: str = "coco"  # coco | vg | gqa | nlvr2: the output folders and file names
     image_root: str = ""  # with a Karpathy file: the folder holding filepath/filename
-    weights: str = "random:0"  # URL, gs://, local path or random:<seed>
+    weights: str = "random:0"  # default, URL, gs://, local path or random:<seed> (the plan pins default)
     config: str = ""  # detectron_config.yaml spec ("" = the published model's values)
     arch: str = "full"  # full | tiny (a small test configuration)
     autocast: str = ""  # "" (float32) or a torch dtype name for autocast on CUDA
     imsize: int = 0  # grid only: resize to imsize x imsize (0 = X-LXMERT's 800/1333 rule)
+    weights_fallback: str = ""  # why the plan turned default into random:0 ("" = it did not)
 
     SHARD_FIELDS = ("kind", "weights", "config", "arch", "autocast", "imsize")
 

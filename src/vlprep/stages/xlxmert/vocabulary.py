@@ -118,6 +118,9 @@ def kmeans(out: str, settings: VocabSettings, runtime: stage.Runtime | None = No
                                  "imsize": vocab.imsize or 0},  # 0, not None: KFP outputs carry no nulls
                   "gpu": km.use_gpu(_gpu(runtime)), "seconds": round(time.time() - t0, 3)}
     record["targets"] = found  # kept centroids too: the targets may have changed (say a new split extracted)
+    record["generator_centroids"] = storage.join(out, vocab.generator_centroids_file())
+    if not storage.exists(record["generator_centroids"]) or storage.sha256(record["generator_centroids"]) != record["sha256"]:
+        storage.write_bytes(record["generator_centroids"], storage.read_bytes(uri))
     storage.write_text(_trained_uri(out), json.dumps(record, indent=1))
     return {**record, "skipped": skipped}
 
