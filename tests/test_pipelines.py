@@ -126,9 +126,10 @@ def test_make_run_equivalent_writes_run_record(tmp_path):
     assert run["pipeline"] == "demo" and run["versions"]["kfp"].startswith("2.17")
     assert run["git_commit"] is None or len(run["git_commit"]) == 40
     assert str(tmp_path / "t" / "mscoco" / "annotations" / "train_ann.jsonl") in run["outputs"]
+    report = (tmp_path / "t" / "report.md").read_text()
     for path in run["outputs"]:
-        assert path in r.stdout, f"{path} not printed"
-    assert "Run report:" in r.stdout
+        assert path in report, f"{path} not in the run report"
+    assert f"Run report: {tmp_path / 't' / 'report.md'}" in r.stdout
 
 
 def test_run_with_config_file_and_compile_cli(tmp_path, sample):
