@@ -17,6 +17,7 @@ import collections
 import contextlib
 import io
 import logging
+import os
 import re
 import threading
 import time
@@ -140,12 +141,26 @@ def quiet(log_path: Path, terminal: TextIO) -> Iterator[TaskLog]:
         # kfp.local also logs between tasks (e.g. cleaning its workspace) through the root logger
         root.handlers[:] = [logging.StreamHandler(task_log)]
         try:
-            with contextlib.redirect_stdout(task_log):
+            # the tasks' output reaches the log as it is written, not when a block fills (`tail -f` works)
+            with contextlib.redirect_stdout(task_log), _environ("PYTHONUNBUFFERED", "1"):
                 yield task_log
         finally:
             root.handlers[:] = handlers
             task_log.close_unfinished()
             task_log.flush()
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def plain(text: str) -> str:
