@@ -38,18 +38,19 @@ def run_loop(stream, clock, *, steps: int, seconds_per_step: float, interval: fl
             bar.advance(1)
 
 
-def test_log_lines_one_per_interval_plus_first_and_last_and_no_carriage_return():
+def test_log_lines_one_per_interval_plus_start_and_end_and_no_carriage_return():
     stream, clock = Stream(tty=False), FakeClock()
     run_loop(stream, clock, steps=100, seconds_per_step=1.0, interval=30.0)  # 100 s of work
     text = stream.getvalue()
     assert "\r" not in text
     lines = text.splitlines()
-    # first step (t=1), then t=31, 61, 91, and the close at t=100
+    # the start (t=0), then t=30, 60, 90, and the close at t=100
     assert len(lines) == 5, lines
     counts = [int(re.search(r": (\d+)/100 img", line).group(1)) for line in lines]
-    assert counts == [1, 31, 61, 91, 100]
-    assert all("1.00 img/s" in line for line in lines)
-    assert "ETA 1:09" in lines[1]  # 69 images left at 1 img/s
+    assert counts == [0, 30, 60, 90, 100]
+    assert lines[0].endswith("progress regions shard 1/2: 0/100 img (0%), starting")
+    assert all("1.00 img/s" in line for line in lines[1:])
+    assert "ETA 1:10" in lines[1]  # 70 images left at 1 img/s
     assert "took 1:40" in lines[-1]
 
 
@@ -61,7 +62,7 @@ def test_log_interval_from_environment(monkeypatch):
         for _ in range(50):
             clock.now += 1.0
             bar.advance()
-    assert len(stream.getvalue().splitlines()) == 1 + 4 + 1  # first, t=11/21/31/41, last
+    assert len(stream.getvalue().splitlines()) == 1 + 5  # the start, t=10/20/30/40/50 (the last)
     monkeypatch.delenv("VLPREP_PROGRESS_INTERVAL")
     assert interval_from_env() == 30.0
 
@@ -82,8 +83,17 @@ def test_terminal_bar_has_count_rate_and_eta_and_redraws_in_place():
         middle = stream.getvalue().split("\r")[-1]
     assert re.search(r"\[#{12}\.{12}\] 20/40 img \(50%\), 4\.00 img/s, ETA 0:05", middle), middle
     frames = stream.getvalue().split("\r")[1:]
-    assert len(frames) == 11  # every advance (0.5 s apart, more than the redraw gap) and the close
+    assert len(frames) == 11  # the start and every advance (0.5 s apart, more than the redraw gap)
     assert stream.getvalue().endswith("\n") and stream.getvalue().count("\n") == 1
+
+
+def test_one_step_loop_shows_its_start_and_end_once():
+    stream, clock = Stream(tty=False), FakeClock()
+    with Progress("shard", total=3, unit="img", stream=stream, clock=clock, interval=30.0) as bar:
+        clock.now += 450.0
+        bar.advance(3)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].endswith("3/3 img (100%), 0.01 img/s, took 7:30"), lines
 
 
 def test_failures_and_unknown_total():

@@ -1,7 +1,7 @@
 """Progress of long loops: a bar on a terminal, one line per interval in logs.
 
 On a terminal (the stream is a tty) ``Progress`` redraws one line in place: count/total, rate and ETA.
-Anywhere else (a pod's log, a file, a pipe) it writes a whole line at the first step, then at most one
+Anywhere else (a pod's log, a file, a pipe) it writes a whole line when the loop starts, then at most one
 per interval (``VLPREP_PROGRESS_INTERVAL`` seconds, default 30), and one at the end; never a carriage
 return. Use it as a context manager around the loop and call ``advance(n)`` after each step::
 
@@ -61,7 +61,8 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.count, self.failed = 0, 0
         self.started = clock()
-        self._shown_at: float | None = None
+        self._shown_count = -1
+        self._show(self.started)  # the loop has started: a line even if its first step takes long
 
     def __enter__(self) -> Progress:
         return self
@@ -74,13 +75,13 @@ class Progress:
         self.count += n
         self.failed += failed
         now = self.clock()
-        wait = REDRAW_SECONDS if self.tty else self.interval
-        if self._shown_at is None or now - self._shown_at >= wait:
+        if now - self._shown_at >= (REDRAW_SECONDS if self.tty else self.interval):
             self._show(now)
 
     def close(self) -> None:
-        """Show the final count (a terminal bar ends its line)."""
-        self._show(self.clock())
+        """Show the final count, unless the last line did (a terminal bar ends its line)."""
+        if self.count != self._shown_count:
+            self._show(self.clock())
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
@@ -93,6 +94,8 @@ class Progress:
         text += f" {self.unit}"
         if self.total:
             text += f" ({100 * self.count / self.total:.0f}%)"
+        if self.count == 0 and now == self.started:
+            return text + ", starting"
         text += f", {rate:.2f} {self.unit}/s"
         if self.total is not None and self.count < self.total:
             text += f", ETA {duration((self.total - self.count) / rate)}" if rate > 0 else ", ETA ?"
@@ -101,7 +104,7 @@ class Progress:
         return text + (f", {self.failed} failed" if self.failed else "")
 
     def _show(self, now: float) -> None:
-        self._shown_at = now
+        self._shown_at, self._shown_count = now, self.count
         if self.tty:
             self.stream.write(f"\r{self.label} {self._bar()} {self.status(now)}\x1b[K")
         else:
