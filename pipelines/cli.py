@@ -1,7 +1,7 @@
 """``vlprep run | compile | submit | upload``: the pipeline commands (they need kfp; the workflow commands
 do not).
 
-    vlprep run PIPELINE --local [--config FILE] [--param k=v ...] [--run-name N] [--runs-dir DIR]
+    vlprep run PIPELINE --local [--config FILE] [--param k=v ...] [--run-name N] [--runs-dir DIR] [--verbose]
     vlprep compile [PIPELINE ...] [--out pipelines/compiled]
     vlprep submit PIPELINE --host URL [--experiment E] [--run-name N] [--param k=v ...]
                   [--sample-store URI] [--wait [--timeout S] [--poll S]]
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -76,6 +77,47 @@ def _defaults(pipeline: str, run_dir: Path) -> dict:
     return {"out": str(run_dir)} if "out" in names else {}
 
 
+def _verbose(args) -> bool:
+    return bool(args.verbose) or os.environ.get("VLPREP_VERBOSE", "").strip().lower() in ("1", "true", "yes")
+
+
+def _run_pipeline(name: str, params: dict, run_dir: Path, verbose: bool) -> None:
+    """kfp.local's whole output here (``verbose``), or one line per task here and the rest in the run's log;
+    a failed task is an error showing the end of its output."""
+    from vlprep_pipelines import engine, run_log
+
+    if verbose:
+        engine.run_local(name, params, run_dir / "_kfp")
+        return
+    log_path = run_dir / "logs" / "run.log"
+    print(f"tasks (kfp.local's output: {log_path}; --verbose shows it here):", flush=True)
+    with run_log.quiet(log_path, sys.stdout) as tasks:
+        try:
+            engine.run_local(name, params, run_dir / "_kfp")
+        except RuntimeError as e:  # kfp.local: "Pipeline ... finished with status FAILURE ..."
+            failure = str(e)
+        else:
+            return
+    print(tasks.failure_report(log_path), file=sys.stderr)
+    raise VlprepError(run_log.plain(failure))
+
+
+def _print_summary(record: dict, run_dir: Path, verbose: bool) -> None:
+    print(f"\nvlprep: run {record['run_name']} finished in {record['seconds']} s.")
+    if verbose:
+        print("Outputs:")
+        for p in record["outputs"]:
+            print(f"  {p}")
+    else:
+        print(f"{len(record['outputs'])} output files, each listed in the run report.")
+    print("Reports and KFP artifacts:")
+    for p in record["kfp_artifacts"]:
+        print(f"  {p}")
+    if not verbose:
+        print(f"Run log: {run_dir / 'logs' / 'run.log'}")
+    print(f"Run record: {run_dir / 'run.json'}\nRun report: {run_dir / 'report.md'}")
+
+
 def cmd_run(args) -> int:
     if not args.local:
         raise VlprepError("`vlprep run` runs on this machine: add --local (use `vlprep submit` for a cluster)")
@@ -98,11 +140,12 @@ def cmd_run(args) -> int:
     }
     print(f"vlprep: running pipeline {name!r} locally as {run_name} -> {run_dir}", flush=True)
     t0 = time.time()
-    engine.run_local(name, params, run_dir / "_kfp")
+    _run_pipeline(name, params, run_dir, _verbose(args))
     record["seconds"] = round(time.time() - t0, 1)
     record["outputs"] = [
         p for p in storage.list_prefix(str(run_dir))
         if not any(part.startswith("_") for part in Path(p).relative_to(run_dir).parts)
+        and Path(p).relative_to(run_dir).parts[0] != "logs"
     ]
     record["kfp_artifacts"] = [p for p in storage.list_prefix(str(run_dir / "_kfp")) if "executor_output" not in p]
     record["weights"] = weights_used({str(p.relative_to(run_dir)): json.loads(p.read_text(encoding="utf-8"))
@@ -110,15 +153,9 @@ def cmd_run(args) -> int:
                                       if "_work" in p.parts and "_kfp" not in p.relative_to(run_dir).parts})
     storage.write_text(str(run_dir / "run.json"), json.dumps(record, indent=1, ensure_ascii=False))
     storage.write_text(str(run_dir / "report.md"), run_markdown(record))
-    print(f"\nvlprep: run {run_name} finished in {record['seconds']} s. Outputs:")
-    for p in record["outputs"]:
-        print(f"  {p}")
-    print("Reports and KFP artifacts:")
-    for p in record["kfp_artifacts"]:
-        print(f"  {p}")
+    _print_summary(record, run_dir, _verbose(args))
     for line in random_lines(record["weights"]):
         print(f"WARNING: {line}")
-    print(f"Run record: {run_dir / 'run.json'}\nRun report: {run_dir / 'report.md'}")
     return 0
 
 
@@ -202,6 +239,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("pipeline")
     s.add_argument("--local", action="store_true", help="use the local runner (required)")
     s.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
+    s.add_argument("--verbose", action="store_true",
+                   help="show kfp.local's whole output (also VLPREP_VERBOSE=1); default: one line per task")
     pipeline_params(s)
     s.set_defaults(func=cmd_run)
 

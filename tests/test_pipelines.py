@@ -129,9 +129,10 @@ def test_make_run_equivalent_writes_run_record(tmp_path):
     assert run["pipeline"] == "demo" and run["versions"]["kfp"].startswith("2.17")
     assert run["git_commit"] is None or len(run["git_commit"]) == 40
     assert str(tmp_path / "t" / "mscoco" / "annotations" / "train_ann.jsonl") in run["outputs"]
+    report = (tmp_path / "t" / "report.md").read_text()
     for path in run["outputs"]:
-        assert path in r.stdout, f"{path} not printed"
-    assert "Run report:" in r.stdout
+        assert path in report, f"{path} not in the run report"
+    assert f"Run report: {tmp_path / 't' / 'report.md'}" in r.stdout
     used = run["weights"]
     assert used["xmodal_ctx/_work/context/settings.json"]["fallback"].startswith("http://127.0.0.1:9/CLIP_VIT_B_32")
     assert used["mscoco/_work/regions/settings.json"]["fallback"].startswith("arch tiny")
@@ -139,7 +140,6 @@ def test_make_run_equivalent_writes_run_record(tmp_path):
     matcher = [u for where, u in used.items() if where.startswith("vokens/")]
     assert matcher and all(u["matcher"] == "random:0" and not u["fallback"] for u in matcher)  # asked for
     assert all(u["random"] for u in used.values())
-    report = (tmp_path / "t" / "report.md").read_text(encoding="utf-8")
     assert report.count("**RANDOM weights in ") == len(used) and r.stdout.count("WARNING: RANDOM weights in") == len(used)
 
 

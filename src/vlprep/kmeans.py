@@ -24,12 +24,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import PurePosixPath
 
 import faiss
 import h5py
 import numpy as np
 
 from vlprep import VlprepError, storage
+from vlprep.progress import Progress
 
 K = 10000
 NITER = 20
@@ -170,10 +172,13 @@ def assign_clusters(
         first, last = start * cells, stop * cells
         ids = np.empty(last - first, dtype=np.int64)
         block = faiss.cvar.distance_compute_blas_query_bs
-        with contextlib.nullcontext() if gpu else _path_of_one_call(total, dim):
+        bar = Progress(f"kmeans assign {PurePosixPath(target).name} [{start}, {stop})", total=last - first,
+                       unit="cells")
+        with bar, contextlib.nullcontext() if gpu else _path_of_one_call(total, dim):
             for b0 in range(first - first % block, last, block):
                 rows = np.arange(b0, min(b0 + block, total), dtype=np.int64)
                 _, found = index.search(read_rows(f, keys, rows, shape), 1)
                 lo, hi = max(b0, first), min(b0 + block, last)
                 ids[lo - first : hi - first] = found[lo - b0 : hi - b0, 0]
+                bar.advance(hi - lo)
         return keys[start:stop], ids.reshape(stop - start, cells)

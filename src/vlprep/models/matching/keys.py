@@ -35,6 +35,7 @@ import torch
 from vlprep import VlprepError, storage
 from vlprep.formats import vokens as fmt
 from vlprep.models.matching.images import pixel_batches
+from vlprep.progress import Progress
 
 UPSTREAM_KEY_BATCH = 512  # extract_vision_keys.py --batch-size default
 
@@ -96,14 +97,15 @@ def extract_keys(visn_model: torch.nn.Module, image_set: ImageSet, start: int, s
     kept: list[int] = []
     keys: list[np.ndarray] = []
     failed = []
-    for batch in pixel_batches(uris, transform, batch_size=batch_size, offset=start, num_workers=num_workers,
-                               pin_memory=device.type == "cuda"):
-        failed += [{"item": ids[i], "uri": uris[i], "error": why} for i, why in batch.failed]
-        if batch.pixels is None:
-            continue
-        with torch.inference_mode():
-            keys.append(visn_model(batch.pixels.to(device, non_blocking=True)).float().cpu().numpy())
-        kept += batch.indices
+    with Progress(f"vokens keys {image_set.name} [{start}, {stop})", total=len(uris), unit="img") as bar:
+        for batch in pixel_batches(uris, transform, batch_size=batch_size, offset=start, num_workers=num_workers,
+                                   pin_memory=device.type == "cuda"):
+            failed += [{"item": ids[i], "uri": uris[i], "error": why} for i, why in batch.failed]
+            if batch.pixels is not None:
+                with torch.inference_mode():
+                    keys.append(visn_model(batch.pixels.to(device, non_blocking=True)).float().cpu().numpy())
+                kept += batch.indices
+            bar.advance(len(batch.indices) + len(batch.failed), failed=len(batch.failed))
     dim = visn_model.mlp.linears[-1].out_features
     buf = io.BytesIO()
     np.savez(buf, keys=np.concatenate(keys) if keys else np.zeros((0, dim), np.float32),

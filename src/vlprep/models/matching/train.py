@@ -44,6 +44,7 @@ from vlprep.models.matching.images import eval_transform, read_rgb, train_transf
 from vlprep.models.matching.loss import sent_batchwise_recall, sent_paired_hinge_rank_loss
 from vlprep.models.matching.model import Matcher, build_matcher, maria_state_dict
 from vlprep.models.matching.tokenizer import encode_captions, load_tokenizer
+from vlprep.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def _train_epoch(net, model: Matcher, loader, optimizer, settings: TrainSettings
     trainable = [p for p in model.parameters() if p.requires_grad]
     net.train()
     total, steps = 0.0, 0
+    bar = Progress("matcher training epoch", total=len(loader), unit="batches")
     for ids, mask, pixels in loader:
         lang, visn = net(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
                          pixels.to(device, non_blocking=True))
@@ -251,6 +253,8 @@ def _train_epoch(net, model: Matcher, loader, optimizer, settings: TrainSettings
         steps += 1
         if steps % 100 == 1:
             log.info("step %d: loss %.4f", steps, value)
+        bar.advance()
+    bar.close()
     return total / steps
 
 

@@ -32,6 +32,7 @@ import torch
 
 from vlprep import VlprepError, storage
 from vlprep.formats import vokens as fmt
+from vlprep.progress import Progress
 
 UPPER_BOUND = 128
 TOPK = 5
@@ -145,10 +146,12 @@ def vokenize_range(tokens_prefix: str, start: int, stop: int, part_uri: str, vok
     offsets = fmt.read_offsets(tokens_prefix)
     lines = fmt.read_token_lines(tokens_prefix, start, stop, offsets)
     rows, scores = [np.zeros((0, vokenizer.topk), np.int64)], [np.zeros((0, vokenizer.topk), np.float32)]
-    for a, b in _pages(start, stop, vokenizer.page_lines):
-        s, r = vokenizer.search_lines(lines[a - start: b - start])
-        rows.append(r)
-        scores.append(s)
+    with Progress(f"vokenize [{start}, {stop})", total=stop - start, unit="lines") as bar:
+        for a, b in _pages(start, stop, vokenizer.page_lines):
+            s, r = vokenizer.search_lines(lines[a - start: b - start])
+            rows.append(r)
+            scores.append(s)
+            bar.advance(b - a)
     buf = io.BytesIO()
     np.savez(buf, rows=np.concatenate(rows), scores=np.concatenate(scores))
     storage.write_bytes(part_uri, buf.getvalue())

@@ -16,6 +16,7 @@ from vlprep import stage
 from vlprep.data import ids
 from vlprep.data import images as imgs
 from vlprep.data.loader import ImageDataset, image_loader
+from vlprep.progress import Progress
 from vlprep.stages.context.settings import IMAGE_FIELDS, N_VIEWS, STAGE, encoder_for
 
 log = logging.getLogger(__name__)
@@ -113,15 +114,16 @@ def encode_images(spec: dict, runtime: stage.Runtime | None = None) -> dict:
         arrays: dict[str, list] = {n: [] for n in names + ["query"]}
         meta, failed = [], []
         views = ImageDataset(uris, Views(recipe.preprocess), exif=False, rgb=True)  # upstream: PIL.Image.open
-        for batch in image_loader(uris, blocks=blocks, num_workers=runtime.num_workers, dataset=views, stack=True,
-                                  pin_memory=dev.startswith("cuda")):
-            failed += [{"item": uris[i], "error": err} for i, err in batch.failed]
-            if not batch.ok:
-                continue
-            for name, arr in encode_views(enc, batch.values).items():
-                arrays[name].append(arr)
-            meta += [{"key": ids.context_key(uris[i]), "uri": uris[i], "block": block_of[i], "width": w, "height": h,
-                      **({"note": note} if note else {})} for i, note, (w, h) in batch.ok]
+        with Progress(f"context images {shard.tag}", total=len(uris), unit="img") as bar:
+            for batch in image_loader(uris, blocks=blocks, num_workers=runtime.num_workers, dataset=views, stack=True,
+                                      pin_memory=dev.startswith("cuda")):
+                failed += [{"item": uris[i], "error": err} for i, err in batch.failed]
+                if batch.ok:
+                    for name, arr in encode_views(enc, batch.values).items():
+                        arrays[name].append(arr)
+                meta += [{"key": ids.context_key(uris[i]), "uri": uris[i], "block": block_of[i], "width": w,
+                          "height": h, **({"note": note} if note else {})} for i, note, (w, h) in batch.ok]
+                bar.advance(len(batch.ok) + len(batch.failed), failed=len(batch.failed))
         parts = _write_parts(shard, meta, arrays, enc.dims)
         for f in failed:
             log.warning("context: skipped %s (%s)", f["item"], f["error"])

@@ -8,6 +8,7 @@ import numpy as np
 
 from vlprep import VlprepError, stage, storage
 from vlprep.data import visual_genome as vg
+from vlprep.progress import Progress
 from vlprep.stages.context.settings import PHRASES, STAGE, TEXT_FIELDS, Settings, encoder_for, pin_weights
 
 
@@ -61,13 +62,16 @@ def encode_phrases(spec: dict, runtime: stage.Runtime | None = None) -> dict:
         items = read_phrase_file(phrase_uri)
         enc = encoder_for(settings, dev)
         keys, values = [], []
-        for s, e, sha in shard.items:
-            block = items[s:e]
-            if _sha("\n".join(block)) != sha:
-                raise VlprepError(f"{phrase_uri} changed since the plan (rows {s}-{e}); rerun the plan")
-            k, v = enc.encode_texts(block)
-            keys.append(k)
-            values.append(v)
+        with Progress(f"context phrases {shard.tag}", total=sum(e - s for s, e, _ in shard.items),
+                      unit="phrases") as bar:
+            for s, e, sha in shard.items:
+                block = items[s:e]
+                if _sha("\n".join(block)) != sha:
+                    raise VlprepError(f"{phrase_uri} changed since the plan (rows {s}-{e}); rerun the plan")
+                k, v = enc.encode_texts(block)
+                keys.append(k)
+                values.append(v)
+                bar.advance(len(block))
         shard.save_array("keys.npy", np.concatenate(keys))
         shard.save_array("values.npy", np.concatenate(values))
         return {"parts": ["keys.npy", "values.npy"], "failed": [], "rows": int(sum(len(k) for k in keys)),

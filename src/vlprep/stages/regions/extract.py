@@ -19,6 +19,7 @@ from vlprep.data import ids
 from vlprep.data import images as imgs
 from vlprep.data.loader import ImageDataset, image_loader
 from vlprep.models import weights as wts
+from vlprep.progress import Progress
 from vlprep.stages.regions.settings import STAGE, Settings, box_range, lmdb_path, output_split
 
 log = logging.getLogger("vlprep.regions")
@@ -91,10 +92,12 @@ def _detect(shard, model, settings: Settings, runtime: stage.Runtime) -> dict:
     """``results`` [(uri, detector result)] in item order, ``failed``, ``notes``, model time."""
     recipe = settings.recipe_object()
     lo, _ = box_range(settings)
-    results, failed, notes, t_model, t0 = [], [], [], 0.0, time.time()
+    results, failed, notes, t_model = [], [], [], 0.0
     prefetch = max(runtime.batch_size * 4, 1)  # room to bucket by size
     images = ImageDataset(shard.items, exif=recipe.exif)
+    bar = Progress(f"regions {shard.tag}", total=len(shard.items), unit="img")
     for batch in image_loader(shard.items, batch_size=prefetch, num_workers=runtime.num_workers, dataset=images):
+        failed_before = len(failed)
         for i, err in batch.failed:
             failed.append({"item": shard.items[i], "error": err})
             log.warning("skipped %s: %s", shard.items[i], err)
@@ -107,9 +110,8 @@ def _detect(shard, model, settings: Settings, runtime: stage.Runtime) -> dict:
                 failed.append({"item": shard.items[i], "error": f"only {r['num_boxes']} boxes (VOLTA skips these)"})
             else:
                 results.append((shard.items[i], r))
-        done = len(results) + len(failed)
-        log.info("%s: %d/%d images (%.2f img/s, %d failed)", shard.tag, done, len(shard.items),
-                 done / max(time.time() - t0, 1e-9), len(failed))
+        bar.advance(len(batch.ok) + len(batch.failed), failed=len(failed) - failed_before)
+    bar.close()
     return {"results": results, "failed": failed, "notes": notes, "model_seconds": t_model,
             "random_weights": bool(getattr(model, "is_random", False))}
 

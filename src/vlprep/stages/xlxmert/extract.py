@@ -20,6 +20,7 @@ from vlprep.data import images as imgs
 from vlprep.data.loader import ImageDataset, image_loader
 from vlprep.formats import xlxmert_h5
 from vlprep.models import weights as wts
+from vlprep.progress import Progress
 from vlprep.stages.xlxmert.settings import Settings, extraction_stage, features_report
 
 log = logging.getLogger("vlprep.xlxmert")
@@ -88,7 +89,8 @@ def _extract(shard, model, settings: Settings, runtime: stage.Runtime) -> dict:
     from vlprep.formats.xlxmert_h5 import Layout, PartWriter
 
     recipe, layout = settings.recipe(), Layout(settings.kind, model.cfg.mlp_dim)
-    failed, notes, images, t_model, t0 = [], [], 0, 0.0, time.time()
+    failed, notes, images, t_model = [], [], 0, 0.0
+    bar = Progress(f"xlxmert {shard.tag}", total=len(shard.items), unit="img")
     loader = image_loader(shard.items, batch_size=max(runtime.batch_size * 4, 1), num_workers=runtime.num_workers,
                           dataset=ImageDataset(shard.items, exif=recipe.exif))
     with contextlib.ExitStack() as stack:
@@ -110,8 +112,8 @@ def _extract(shard, model, settings: Settings, runtime: stage.Runtime) -> dict:
                     writers[folder] = stack.enter_context(PartWriter(shard.part(folder), layout.fields))
                 writers[folder].add(PurePosixPath(uri).stem, result, image=uri)
                 images += 1
-            log.info("%s: %d/%d images (%.2f img/s, %d failed)", shard.tag, images + len(failed), len(shard.items),
-                     (images + len(failed)) / max(time.time() - t0, 1e-9), len(failed))
+            bar.advance(len(batch.ok) + len(batch.failed), failed=len(batch.failed))
+    bar.close()
     names = [f"{folder}/{name}" for folder, w in sorted(writers.items()) for name in w.names]
     return {"parts": names, "failed": failed, "notes": notes, "images": images, "model_seconds": round(t_model, 3),
             "folders": {folder: w.count for folder, w in sorted(writers.items())}}
