@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from vlprep import stage
+from vlprep import VlprepError, stage
+from vlprep.data import ids
 from vlprep.data import images as imgs
 from vlprep.data.loader import ImageDataset, image_loader
 from vlprep.stages.regions.settings import STAGE, Settings, box_range
@@ -27,7 +28,28 @@ def plan(out: str, settings: Settings, *, num_shards: int = 1, split: str = "bal
     """Sorted image list (a COCO root with split folders, a Flickr30k folder, a list file or a Karpathy
     file) split into shards; the settings are recorded for every later step."""
     items = imgs.list_images(settings.check().images, settings.image_root)
+    check_ids(items, settings)
     return STAGE.start(out, settings).plan(items, num_shards=num_shards, split=split)
+
+
+def check_ids(items: list[str], settings: Settings) -> None:
+    """Every image gets the ids its outputs need (the TSV's img_id; the LMDB key when an LMDB is built),
+    checked on the whole list before any image is decoded; refused naming the first offenders."""
+    lmdb = settings.lmdb and "volta-tsv" in settings.wanted_formats
+    bad = []
+    for uri in items:
+        try:
+            img_id = ids.volta_id(uri, settings.dataset)
+            if lmdb:
+                ids.lmdb_key(img_id, settings.dataset)
+        except VlprepError:
+            bad.append(str(uri))
+    if bad:
+        fix = "--no-lmdb, or the --dataset they belong to" if lmdb else "the --dataset they belong to"
+        rule = ("COCO LMDB keys need names ending in _<number> (COCO_val2014_000000000042.jpg)"
+                if settings.dataset == "coco" else "Flickr30k names are numeric (1000092795.jpg)")
+        raise VlprepError(f"{len(bad)} of {len(items)} images do not fit the {settings.dataset} id rule: "
+                          f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; {rule}; use {fix}")
 
 
 def detector_for(settings: Settings, runtime: stage.Runtime):
