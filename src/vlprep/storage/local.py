@@ -54,6 +54,10 @@ def open_write(uri: str) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         build.publish()
+    except OSError as e:
+        if e.filename is None:  # a failed write names no file: name the one being written
+            raise OSError(e.errno, e.strerror, uri) from e
+        raise
     finally:
         build.discard()
 
