@@ -158,11 +158,14 @@ class Work:
     def collect(self, step: str = "") -> list[tuple[shards.Shard, dict]]:
         """Every shard's verified marker; refused when this process planned the output and another run
         with other settings has taken it over since (its plan is not this run's)."""
-        self.check_held(self.run or self.stage.claims.get(self.out, ""), f"{self.stage.name} merge")
+        self.check_held(self.run or _CLAIMS.get((self.stage.name, self.out), ""), f"{self.stage.name} merge")
         return shards.collect(self.plan_uri(step))
 
     def plan_doc(self, step: str = "") -> dict:
         return shards.plan_doc(self.plan_uri(step))
+
+
+_CLAIMS: dict[tuple[str, str], str] = {}  # (stage, out) -> the run this process planned there (Stage.start)
 
 
 class Stage:
@@ -170,7 +173,6 @@ class Stage:
 
     def __init__(self, name: str, settings: type):
         self.name, self.settings = name, settings
-        self.claims: dict[str, str] = {}  # out -> the run this process planned there
 
     def start(self, out: str, settings: Settings) -> Work:
         """The plan step's first act: check that ``out`` is writable, take it for this run (refused while a
@@ -186,7 +188,7 @@ class Stage:
             for path in local.remove_leftovers(out):
                 log.info("%s: removed %s (left by a killed run)", self.name, path)
         storage.write_text(work.settings_uri, json.dumps(settings.to_dict(), indent=1, sort_keys=True))
-        self.claims[out] = run
+        _CLAIMS[(self.name, out)] = run
         return Work(self, out, run)
 
     def open(self, out: str) -> Work:
