@@ -17,8 +17,11 @@ A stage module (``vlprep.stages.<name>``) provides
   order; ``run`` = ``run_local(steps(...))``. The CLI and tests run a stage this way, KFP runs the
   same functions as components, so both produce the same files.
 
-Layout under ``out``: ``_work/<stage>/settings.json``, ``_work/<stage>[/<step>]/plan.json``,
-shard parts and done-markers beside their plan (``vlprep.shards``).
+Layout under ``out``: ``_work/<stage>/settings.json``, ``_work/<stage>/holder.json`` (the run that
+planned last: ``vlprep.holder``), ``_work/<stage>[/<step>]/plan.json``, shard parts and done-markers
+beside their plan (``vlprep.shards``). ``STAGE.start`` first probes that a local ``out`` is writable,
+refuses while a live run with other settings holds it, and removes the temp files killed runs left
+under a local ``out``.
 """
 
 from __future__ import annotations
