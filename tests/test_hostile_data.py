@@ -20,6 +20,7 @@ from vlprep.cli import main
 from vlprep.data import image_paths
 from vlprep.data import images as imgs
 from vlprep.formats import volta_lmdb, volta_tsv
+from vlprep.stages.regions.settings import VOLTA_DIR
 
 TINY = ["--arch", "tiny", "--weights", "random:0", "--workers", "0"]
 BAD_NAME = b"x_\xff\xfe.jpg"
@@ -48,7 +49,7 @@ def test_rows_1_14_1_16_links_and_non_utf8_name_are_listed_failed_regions(tmp_pa
     _hostile_folder(sample, tmp_path / "imgs" / "val2014")
     out = tmp_path / "out"
     assert main(["regions", "extract", "--images", str(tmp_path / "imgs"), "--out", str(out), *TINY]) == 0
-    rows = list(volta_tsv.read_tsv(out / "volta" / "val2014_obj36-36.tsv"))
+    rows = list(volta_tsv.read_tsv(out / VOLTA_DIR / "val2014_obj36-36.tsv"))
     assert [r["img_id"] for r in rows] == ["COCO_val2014_000000000004", "COCO_val2014_000000000005"]
     plan = json.loads((out / "_work" / "regions" / "plan.json").read_text(encoding="utf-8"))
     assert len(plan["items"]) == 6
@@ -90,12 +91,17 @@ def test_row_1_18_same_stem_twice_refuses_the_plan(tmp_path, sample, capsys):
 
 def test_row_1_18_flickr_ids_shared_across_folders_refuse(tmp_path, sample):
     from vlprep.stages.regions import settings as regions_settings
-    from vlprep.stages.regions.extract import refuse_shared_ids
+    from vlprep.stages.regions.extract import check_ids
 
     items = [str(tmp_path / "a" / "1000092795.jpg"), str(tmp_path / "b" / "1000092795.jpg")]
-    with pytest.raises(VlprepError, match="flickr30k LMDB is keyed by the image number"):
-        refuse_shared_ids(items, regions_settings.Settings(images="x", dataset="flickr30k"))
-    refuse_shared_ids(items, regions_settings.Settings(images="x", dataset="flickr30k", lmdb=False))  # two TSVs: fine
+    for lmdb in (True, False):  # every Flickr30k folder goes into the one flickr30k_obj36-36.tsv
+        with pytest.raises(VlprepError, match="TSV row is keyed by its output split"):
+            check_ids(items, regions_settings.Settings(images="x", dataset="flickr30k", lmdb=lmdb))
+    coco = [str(tmp_path / "val2014" / "COCO_val2014_000000000009.jpg"),
+            str(tmp_path / "train2014" / "COCO_val2014_000000000009.jpg")]
+    with pytest.raises(VlprepError, match="coco LMDB is keyed by the image number"):
+        check_ids(coco, regions_settings.Settings(images="x"))  # two TSVs, but one trainval LMDB
+    check_ids(coco, regions_settings.Settings(images="x", lmdb=False))
 
 
 def _karpathy(path: Path, entries: list[dict]) -> Path:
@@ -129,7 +135,7 @@ def test_row_5_7_traversal_refused_by_the_cli_and_never_opened(tmp_path, sample,
     assert main(["regions", "extract", "--images", str(src), "--image-root", str(root), "--out", str(out), *TINY]) == 2
     err = capsys.readouterr().err
     assert "images[1] '../secret/x.jpg'" in err and "nothing was opened" in err
-    assert not (out / "volta").exists()
+    assert not (out / VOLTA_DIR).exists()
 
 
 def test_row_5_7_list_file_lines_stay_under_their_root(tmp_path):

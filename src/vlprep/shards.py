@@ -80,6 +80,8 @@ def plan(items: Sequence, num_shards: int, root: str, split: str = "balanced", s
     ``fingerprint`` names what the shards are computed with (settings, upstream results): a marker
     made under another fingerprint is never taken for done.
     """
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise VlprepError(f"{root}: {num_shards!r} shards; give 1 or more")
     items = sorted(items) if sort else list(items)
     if len(set(map(str, items))) != len(items):
         raise VlprepError(f"{root}: the item list has duplicates; each item must appear once")

@@ -17,8 +17,11 @@ A stage module (``vlprep.stages.<name>``) provides
   order; ``run`` = ``run_local(steps(...))``. The CLI and tests run a stage this way, KFP runs the
   same functions as components, so both produce the same files.
 
-Layout under ``out``: ``_work/<stage>/settings.json``, ``_work/<stage>[/<step>]/plan.json``,
-shard parts and done-markers beside their plan (``vlprep.shards``).
+Layout under ``out``: ``_work/<stage>/settings.json``, ``_work/<stage>/holder.json`` (the run that
+planned last: ``vlprep.holder``), ``_work/<stage>[/<step>]/plan.json``, shard parts and done-markers
+beside their plan (``vlprep.shards``). ``STAGE.start`` first probes that a local ``out`` is writable,
+refuses while a live run with other settings holds it, and removes the temp files killed runs left
+under a local ``out``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from vlprep import VlprepError, shards, storage
+from vlprep import VlprepError, holder, shards, storage
+from vlprep.storage import local
 
 log = logging.getLogger("vlprep.stage")
 
@@ -61,14 +66,38 @@ class Settings:
         doc = {f: getattr(self, f) for f in fields} if fields else self.to_dict()
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def identity(self) -> str:
+        """Fingerprint of every field: two runs with the same identity make the same outputs."""
+        return self.fingerprint(*(f.name for f in dataclasses.fields(self)))
+
+
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def device_problem(device: str) -> str:
+    """Why ``device`` is not a device name a step can run on ("" when it is one)."""
+    if device in (None, "", "auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(device)):
+        return ""
+    return f"device {device!r}: use {DEVICE_FORMS}"
+
 
 @dataclass(frozen=True)
 class Runtime:
-    """How a step runs (not what it computes): outputs do not depend on these."""
+    """How a step runs (not what it computes): outputs do not depend on these. Checked when made, so a
+    bad value stops a component or command before it plans or loads anything."""
 
     device: str = "auto"  # auto | cpu | cuda[:N]
     batch_size: int = 8
     num_workers: int = 2  # DataLoader decode processes
+
+    def __post_init__(self):
+        problem = device_problem(self.device)
+        if problem:
+            raise VlprepError(problem)
+        for name, least in (("batch_size", 1), ("num_workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise VlprepError(f"{name} {value!r}: give an integer >= {least}")
 
     def resolved_device(self) -> str:
         import torch
@@ -86,6 +115,7 @@ class Work:
 
     stage: Stage
     out: str
+    run: str = ""  # "<run id>:<settings identity>" of the plan that made this Work (Stage.start)
 
     @property
     def root(self) -> str:
@@ -100,6 +130,16 @@ class Work:
     @property
     def settings_uri(self) -> str:
         return self.uri("settings.json")
+
+    @property
+    def holder_uri(self) -> str:
+        return self.uri("holder.json")
+
+    def check_held(self, run: str, what: str) -> None:
+        """Refuse ``what`` when a run with other settings took this output over from ``run``."""
+        if run:
+            run_id, _, identity = run.partition(":")
+            holder.check_current(self.holder_uri, run_id, identity, what)
 
     def settings(self):
         """The settings written at plan time."""
@@ -116,13 +156,19 @@ class Work:
             fingerprint = self.settings().fingerprint()
         specs = shards.plan(items, int(num_shards), self.uri(step) if step else self.root, split=split,
                             sort=sort, fingerprint=fingerprint)
-        return [{**s, "out": self.out} for s in specs]
+        return [{**s, "out": self.out, **({"run": self.run} if self.run else {})} for s in specs]
 
     def collect(self, step: str = "") -> list[tuple[shards.Shard, dict]]:
+        """Every shard's verified marker; refused when this process planned the output and another run
+        with other settings has taken it over since (its plan is not this run's)."""
+        self.check_held(self.run or _CLAIMS.get((self.stage.name, self.out), ""), f"{self.stage.name} merge")
         return shards.collect(self.plan_uri(step))
 
     def plan_doc(self, step: str = "") -> dict:
         return shards.plan_doc(self.plan_uri(step))
+
+
+_CLAIMS: dict[tuple[str, str], str] = {}  # (stage, out) -> the run this process planned there (Stage.start)
 
 
 class Stage:
@@ -132,10 +178,21 @@ class Stage:
         self.name, self.settings = name, settings
 
     def start(self, out: str, settings: Settings) -> Work:
-        """Record ``settings`` for the steps that follow (the plan step does this first)."""
-        work = Work(self, str(out))
+        """The plan step's first act: check that ``out`` is writable, take it for this run (refused while a
+        live run with other settings holds it), remove what killed runs left there, and record
+        ``settings`` for the steps that follow."""
+        out = str(out)
+        if not storage.is_remote(out):
+            local.check_writable(out)
+        work = Work(self, out)
+        identity = settings.identity()
+        run = f"{holder.claim(work.holder_uri, identity, out)}:{identity}"
+        if not storage.is_remote(out):
+            for path in local.remove_leftovers(out):
+                log.info("%s: removed %s (left by a killed run)", self.name, path)
         storage.write_text(work.settings_uri, json.dumps(settings.to_dict(), indent=1, sort_keys=True))
-        return work
+        _CLAIMS[(self.name, out)] = run
+        return Work(self, out, run)
 
     def open(self, out: str) -> Work:
         return Work(self, str(out))
@@ -152,7 +209,19 @@ class Stage:
         """``fn(shard, work)`` unless the shard's verified marker says it is done (see ``vlprep.shards``)."""
         work = self.of(spec)
         name = f"{self.name}/{step}" if step else self.name
-        return shards.run_shard(spec, lambda shard: fn(shard, work), name, params)
+        run = spec.get("run", "")
+        what = f"{name} shard {spec.get('index')}"
+
+        def checked(shard: shards.Shard) -> dict:
+            work.check_held(run, what)  # before the work, and again before its marker is written
+            result = fn(shard, work)
+            work.check_held(run, what)
+            return result
+
+        marker = shards.run_shard(spec, checked, name, params)
+        if run:
+            holder.refresh(work.holder_uri, run.partition(":")[0])
+        return marker
 
 
 # ---------------------------------------------------------------- one process, the pipeline's order

@@ -18,6 +18,7 @@ The workflow commands never import kfp: run / compile / submit / upload live in 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -58,3 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     except VlprepError as e:
         print(f"vlprep: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        reason = os_error(e)
+        if reason is None:
+            raise
+        print(f"vlprep: error: {reason}", file=sys.stderr)
+        return 2
+
+
+def os_error(e: OSError) -> str | None:
+    """One line for a filesystem error the user can fix (disk full, read-only, a file where a folder
+    goes); None for others, which keep their traceback."""
+    where = e.filename or "the output"
+    if e.errno == errno.ENOSPC:
+        return f"disk full writing {where}: free space on that filesystem (or use another --out), then rerun"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where} is not writable ({e.strerror}); use a writable --out"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{where}: a file stands where a folder is needed ({e.strerror}); remove it or use another --out"
+    return None

@@ -32,9 +32,9 @@ def add(sub) -> None:
     s.add_argument("--model-cfg", default="", help="'tiny' or an open_clip model config JSON (tests)")
     s.add_argument("--index", default="ivf", choices=["ivf", "flat"], help="ivf (upstream) or flat (exact, small corpora)")
     s.add_argument("--topk", default="", help="whole,five,nine (default: the recipe's)")
-    s.add_argument("--image-batch", type=int, default=0, help="images per block (default: the recipe's 32)")
-    s.add_argument("--text-batch", type=int, default=0, help="phrases per block (default 512)")
-    s.add_argument("--encode-batch", type=int, default=256, help="views or phrases per forward pass")
+    s.add_argument("--image-batch", type=options.non_negative_int, default=0, help="images per block (default: the recipe's 32)")
+    s.add_argument("--text-batch", type=options.non_negative_int, default=0, help="phrases per block (default 512)")
+    s.add_argument("--encode-batch", type=options.positive_int, default=256, help="views or phrases per forward pass")
     s.add_argument("--no-attribute-leak", action="store_true")
     options.fan_out(s, "--image-shards", "image shards")
     options.fan_out(s, "--phrase-shards", "phrase shards")
@@ -62,7 +62,9 @@ def cmd_run(args) -> int:
         index=args.index, topk=args.topk, image_batch=args.image_batch, text_batch=args.text_batch,
         encode_batch=args.encode_batch, attribute_leak=not args.no_attribute_leak)
     with options.use_devices(args, "image_shards", "phrase_shards"):
+        runtime = stage.Runtime(device=args.device, num_workers=args.workers)
+        runtime.resolved_device()  # a missing GPU stops here, before anything is planned
         summary = context.run(args.out, settings, image_shards=args.image_shards, phrase_shards=args.phrase_shards,
-                              split=args.split, runtime=stage.Runtime(device=args.device, num_workers=args.workers))
+                              split=args.split, runtime=runtime)
     options.print_json(summary)
     return 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from vlprep import VlprepError, storage
 from vlprep.cli import options
 
@@ -19,7 +17,7 @@ def add(sub) -> None:
     s.add_argument("--dataset", default="coco", choices=["coco", "flickr30k"])
     s.add_argument("--recipe", default="caffe36",
                    help="caffe10-100 | caffe36 | d2-nb36 | d2-maxnms36 | d2-maxnms36-volta | given-boxes")
-    s.add_argument("--recipe-params", default="{}", help='JSON overrides, e.g. \'{"nms_start": 0.5}\'')
+    s.add_argument("--recipe-params", type=options.json_object, default={}, help='JSON overrides, e.g. \'{"nms_start": 0.5}\'')
     s.add_argument("--weights", default="default", help="default (the published BUTD weights, cached; random:0, "
                    "flagged, when offline), URL, gs://, local path or random:<seed>")
     s.add_argument("--format", default="volta-tsv,lxmert-tsv", help="comma list of volta-tsv, lxmert-tsv, h5")
@@ -47,17 +45,14 @@ def cmd(args) -> int:
     else:
         if not args.images:
             raise VlprepError("regions extract: give --images (a folder, list file or Karpathy file)")
-        try:
-            recipe_params = json.loads(args.recipe_params)
-        except json.JSONDecodeError as e:
-            raise VlprepError(f"--recipe-params {args.recipe_params!r}: not a JSON object ({e})") from None
         settings = regions.Settings(
             images=args.images, image_root=args.image_root, dataset=args.dataset, recipe=args.recipe,
-            recipe_params=recipe_params, weights=args.weights, arch=args.arch, autocast=args.autocast,
+            recipe_params=args.recipe_params, weights=args.weights, arch=args.arch, autocast=args.autocast,
             formats=args.format, lmdb=args.lmdb, annotations=args.annotations, vocab_objects=args.vocab_objects,
             vocab_attributes=args.vocab_attributes)
         with options.use_devices(args, "shards"):
             runtime = stage.Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+            runtime.resolved_device()  # a missing GPU stops here, before anything is planned
             summary = regions.run(args.out, settings, num_shards=args.shards, split=args.split, runtime=runtime)
         print(f"report: {storage.join(args.out, regions.REPORT)}")
     options.print_json(summary)

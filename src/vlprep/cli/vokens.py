@@ -23,7 +23,7 @@ def add(sub) -> None:
     s.add_argument("--drop-empty", action="store_true", help="drop lines without tokens (upstream's files)")
     s.add_argument("--retrieval-input", default="", choices=["", "whole", "context"],
                    help="default: by file name (valid/test: the context only, as Maria)")
-    s.add_argument("--block-lines", type=int, default=1 << 16, help="lines per plan item (shards are whole items)")
+    s.add_argument("--block-lines", type=options.positive_int, default=1 << 16, help="lines per plan item (shards are whole items)")
     options.fan_out(s)
     options.split(s)
     options.devices(s)
@@ -36,7 +36,7 @@ def add(sub) -> None:
     s.add_argument("--out", required=True, help="keys folder or gs:// prefix")
     s.add_argument("--image-root", default="", help="with an ids file or LXMERT JSON: the folder of its images")
     _config(s)
-    s.add_argument("--batch-size", type=int, default=512, help="images per forward pass (upstream's 512)")
+    s.add_argument("--batch-size", type=options.positive_int, default=512, help="images per forward pass (upstream's 512)")
     options.fan_out(s)
     options.split(s)
     options.runtime(s, device="auto", batch_size=None)
@@ -48,15 +48,15 @@ def add(sub) -> None:
     s.add_argument("--matcher", required=True, help="the BEST.pth the keys were extracted with (or random:SEED)")
     s.add_argument("--keys", required=True, help="keys folder")
     s.add_argument("--out", required=True, help="vokens folder or gs:// prefix")
-    s.add_argument("--topk", type=int, default=5)
+    s.add_argument("--topk", type=options.positive_int, default=5)
     s.add_argument("--sets", default="", help="comma list of image sets (default: every set in --keys)")
     s.add_argument("--max-images", type=int, default=-1, help="use the first N key rows (-1: all)")
     s.add_argument("--tokenizer", default="", help="default: the one the corpus was tokenized with")
-    s.add_argument("--page-lines", type=int, default=512, help="entries per batch (Maria's page)")
+    s.add_argument("--page-lines", type=options.positive_int, default=512, help="entries per batch (Maria's page)")
     _config(s)
     options.fan_out(s)
     options.split(s)
-    s.add_argument("--device", default="auto", help="auto, cpu or cuda (faiss-gpu when present)")
+    s.add_argument("--device", type=options.device_name, default="auto", help="auto, cpu or cuda (faiss-gpu when present)")
     options.devices(s)
     s.set_defaults(func=cmd_vokenize)
 
@@ -69,7 +69,7 @@ def add(sub) -> None:
     s.add_argument("--tokenizer", default="bert-base-uncased")
     s.add_argument("--bert-weights", default="bert-base-uncased")
     s.add_argument("--resnet-weights", default="https://download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth")
-    s.add_argument("--nproc", type=int, default=None, help="processes (default: one per visible GPU)")
+    s.add_argument("--nproc", type=options.positive_int, default=None, help="processes (default: one per visible GPU)")
     _train_settings(s)
     s.set_defaults(func=cmd_train)
 
@@ -87,7 +87,7 @@ def _train_settings(p) -> None:
         if f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", help=f"TrainSettings.{f.name}")
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            kind = {"int": options.non_negative_int, "float": options.non_negative_float}.get(str(f.type), str)
             p.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
 
 
@@ -110,6 +110,7 @@ def cmd_keys(args) -> int:
                                   image_root=args.image_root, batch_size=args.batch_size)
     with options.use_devices(args, "shards"):
         runtime = stage.Runtime(device=args.device, num_workers=args.workers)
+        runtime.resolved_device()  # a missing GPU stops here, before anything is planned
         options.print_json(vokens.run_steps("vokens_keys", vokens.keys_steps(
             args.out, settings, num_shards=args.shards, split=args.split, runtime=runtime)))
     return 0

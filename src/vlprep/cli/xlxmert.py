@@ -26,7 +26,7 @@ def _add_extract(s) -> None:
     s.add_argument("--out", required=True, help="the datasets folder or gs:// prefix (COCO/features/... go under it)")
     s.add_argument("--dataset", default="coco", choices=["coco", "vg", "gqa", "nlvr2"],
                    help="names the files: coco and nlvr2 by split folder, vg and gqa one file")
-    s.add_argument("--imsize", type=int, default=0, help="grid8: resize to NxN (a multiple of 32); files get _imsize{N}")
+    s.add_argument("--imsize", type=options.non_negative_int, default=0, help="grid8: resize to NxN (a multiple of 32); files get _imsize{N}")
     s.add_argument("--arch", default="full", choices=["full", "tiny"], help="tiny: a small test configuration")
     s.add_argument("--autocast", default="", help="a torch dtype (e.g. float16) to run the detector under autocast")
     options.fan_out(s)
@@ -41,18 +41,18 @@ def _add_kmeans(s) -> None:
                    help="a grid HDF5 to assign (repeat); upstream names (mscoco_train, mscoco_valid, nlvr_train, "
                         "nlvr_valid, vg) alone resolve under --out; none: every grid8 file extracted under --out")
     s.add_argument("--src", default="", help="the feature set k-means trains on (default: the first --features)")
-    s.add_argument("--n-centroids", dest="k", type=int, default=10000)
-    s.add_argument("--n-iter", dest="niter", type=int, default=20)
-    s.add_argument("--dim", type=int, default=2048, help="feature width (0: the source's)")
+    s.add_argument("--n-centroids", dest="k", type=options.positive_int, default=10000)
+    s.add_argument("--n-iter", dest="niter", type=options.positive_int, default=20)
+    s.add_argument("--dim", type=options.non_negative_int, default=2048, help="feature width (0: the source's)")
     s.add_argument("--seed", type=int, default=1234)
-    s.add_argument("--max-points-per-centroid", type=int, default=256)
-    s.add_argument("--nredo", type=int, default=1)
-    s.add_argument("--imsize", type=int, default=0, help="features of NxN images: names the files _imsize{N}")
+    s.add_argument("--max-points-per-centroid", type=options.positive_int, default=256)
+    s.add_argument("--nredo", type=options.positive_int, default=1)
+    s.add_argument("--imsize", type=options.non_negative_int, default=0, help="features of NxN images: names the files _imsize{N}")
     s.add_argument("--images", default="", help="the images, for the report's cell crops (default: the extraction's)")
     s.add_argument("--out", required=True, help="the datasets folder or gs:// prefix; files go under OUT/clustering/")
     options.fan_out(s, what="assignment shards")
     options.split(s)
-    s.add_argument("--device", default="auto", help="auto (faiss on the GPU when it sees one) or cpu")
+    s.add_argument("--device", type=options.device_name, default="auto", help="auto (faiss on the GPU when it sees one) or cpu")
     s.set_defaults(func=cmd_kmeans)
 
 
@@ -65,6 +65,7 @@ def cmd_extract(args) -> int:
                                 imsize=args.imsize)
     with options.use_devices(args, "shards"):
         runtime = stage.Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+        runtime.resolved_device()  # a missing GPU stops here, before anything is planned
         summary = xlxmert.run(args.out, settings, num_shards=args.shards, split=args.split, runtime=runtime)
     print(f"report: {storage.join(args.out, xlxmert.features_report(args.kind))}")
     options.print_json(summary)

@@ -135,6 +135,25 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_spec(spec: str | Path, what: str = "weights") -> None:
+    """Refuse a spec that cannot resolve, without downloading: a bad ``random:`` seed or checksum suffix,
+    a URL without a host or bucket, a local file that does not exist (run at plan time)."""
+    spec = str(spec)
+    if spec == DEFAULT or parse_random_spec(spec) is not None:
+        return
+    location, _ = split_checksum(spec)
+    scheme, sep, rest = location.partition("://")
+    if sep and scheme in ("http", "https", "gs", "s3"):
+        if not rest.split("/", 1)[0] or rest.endswith("/"):
+            raise VlprepError(f"{what} {spec!r}: the URL names no {'bucket' if scheme in ('gs', 's3') else 'host'} "
+                              "or no file; give e.g. gs://bucket/path/file.pth")
+        return
+    if sep or location.startswith(("gs:", "s3:", "http:", "https:")):
+        raise VlprepError(f"{what} {spec!r}: not a URL this project reads (http(s)://, gs://, s3://) nor a local file")
+    if not Path(location).expanduser().is_file():
+        raise VlprepError(f"{what} {location}: file not found; give an existing file, a URL, or random:<seed>")
+
+
 class Unreachable(VlprepError):
     """A download that could not be made (network, HTTP error): ``default`` falls back on it."""
 

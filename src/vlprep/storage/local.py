@@ -1,10 +1,15 @@
-"""The local filesystem as a store: hidden temp files renamed into place (:class:`LocalBuild`)."""
+"""The local filesystem as a store: hidden temp files renamed into place (:class:`LocalBuild`), the
+writability probe every plan step runs first, and the removal of temp files that killed runs left."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +54,10 @@ def open_write(uri: str) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         build.publish()
+    except OSError as e:
+        if e.filename is None:  # a failed write names no file: name the one being written
+            raise OSError(e.errno, e.strerror, uri) from e
+        raise
     finally:
         build.discard()
 
@@ -69,6 +78,74 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+HOST_TAG = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:24] or "host"
+_TMP_OWNER = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{12}(\.old)?$")
+LEFTOVER_GRACE_S = 3600  # a temp whose writer cannot be asked (another host, no pid) is left this long
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def check_writable(uri: str) -> None:
+    """Refuse an output folder that is a file or cannot be written (read-only, no permission, disk
+    full) with one clear error, by creating it and writing and removing a probe file."""
+    path = Path(uri)
+    if path.exists() and not path.is_dir():
+        raise VlprepError(f"{uri} is a file; --out must be a folder (remove the file or choose another --out)")
+    probe = path / f".tmp-probe.{HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise VlprepError(f"{uri}: {_why_not_writable(e)}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _why_not_writable(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "disk full; free space on that filesystem or choose another --out"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"a file stands in the path ({e.filename}); remove it or choose another --out"
+    return f"not writable ({e.strerror}); choose a writable --out"
+
+
+def remove_leftovers(root: str, *, grace_s: float = LEFTOVER_GRACE_S) -> list[str]:
+    """Remove the ``.tmp-*`` files and folders under ``root`` that killed runs left: those whose writer
+    (host and pid in the name) is gone from this host, and any other older than ``grace_s``. Temps of
+    live writers are kept. Returns the removed paths."""
+    removed = []
+    for folder, dirs, files in os.walk(root):
+        for name in [n for n in dirs + files if n.startswith(".tmp-")]:
+            path = os.path.join(folder, name)
+            if _abandoned(path, name, grace_s):
+                delete(path)
+                removed.append(path)
+        dirs[:] = [d for d in dirs if not d.startswith(".tmp-")]
+    return removed
+
+
+def _abandoned(path: str, name: str, grace_s: float) -> bool:
+    owner = _TMP_OWNER.search(name)
+    if owner and owner["host"] == HOST_TAG:
+        return not pid_alive(int(owner["pid"]))
+    try:
+        return time.time() - os.path.getmtime(path) > grace_s
+    except FileNotFoundError:
+        return False  # its writer published or removed it meanwhile
+
+
 class LocalBuild:
     """A hidden temp file or directory beside a local ``target``, published atomically.
 
@@ -84,7 +161,8 @@ class LocalBuild:
         if not overwrite and self.target.exists():
             raise VlprepError(f"{self.target} already exists; remove it or pass overwrite=True")
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.target.with_name(f".tmp-{self.target.name}.{uuid.uuid4().hex[:12]}")
+        # the writer's host and pid in the name tell a later run whether the temp is abandoned
+        self.tmp = self.target.with_name(f".tmp-{self.target.name}.{HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}")
         if directory:
             self.tmp.mkdir()
 

@@ -296,7 +296,32 @@ def get_recipe(name: str, **overrides: Any) -> Recipe:
         recipe = RECIPES[name]
     except KeyError:
         raise VlprepError(f"unknown BUTD recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
+    if not overrides:
+        return recipe
+    _check_override_types(recipe, overrides)
     try:
-        return dataclasses.replace(recipe, **overrides) if overrides else recipe
+        recipe = dataclasses.replace(recipe, **overrides)
     except TypeError as e:
         raise VlprepError(f"recipe {name}: {e}") from None
+    lo, hi = recipe.box_range
+    if not 0 <= lo <= hi:
+        raise VlprepError(f"recipe {name}: {lo} to {hi} boxes per image; give 0 <= min_boxes <= max_boxes")
+    return recipe
+
+
+_OVERRIDE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "int | None": (int, type(None))}
+
+
+def _check_override_types(recipe: Recipe, overrides: dict) -> None:
+    """Each override has its field's type (JSON gives ``"high"`` as easily as ``0.3``); numbers are >= 0."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(recipe)}
+    for key, value in overrides.items():
+        wanted = _OVERRIDE_TYPES.get(kinds.get(key, ""))
+        if wanted is None:
+            continue  # unknown keys are refused by dataclasses.replace with their name
+        is_bool_for_number = isinstance(value, bool) and bool not in wanted
+        if not isinstance(value, wanted) or is_bool_for_number:
+            raise VlprepError(f"recipe {recipe.name}: {key}={value!r} must be {kinds[key]}, e.g. "
+                              f"{getattr(recipe, key)!r}")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise VlprepError(f"recipe {recipe.name}: {key}={value!r} must be >= 0")

@@ -32,28 +32,39 @@ def plan(out: str, settings: Settings, *, num_shards: int = 1, split: str = "bal
     file) split into shards; the settings are recorded for every later step, ``default`` weights pinned
     once here (the published URL with its sha256, or random:0 and why) so that every shard loads the same."""
     items = imgs.list_images(settings.check().images, settings.image_root)
-    refuse_shared_ids(items, settings)
+    check_ids(items, settings)
     unfit = "arch tiny: the published weights are for the full detector" if settings.arch == "tiny" else ""
     weights, fallback = wts.pin_default(settings.weights, "butd", unfit=unfit)
     settings = dataclasses.replace(settings, weights=weights, weights_fallback=fallback or settings.weights_fallback)
     return STAGE.start(out, settings).plan(items, num_shards=num_shards, split=split)
 
 
-def refuse_shared_ids(items: list[str], settings: Settings) -> None:
-    """Two images that one TSV row (folder + VOLTA id) or one LMDB key would hold refuse the plan: the
-    merge would otherwise keep one of them silently."""
+def check_ids(items: list[str], settings: Settings) -> None:
+    """Every image gets the ids its outputs need (the TSV's img_id; the LMDB key when an LMDB is built),
+    and no two images share one (the merge would keep one of them silently): checked on the whole list
+    before any image is decoded; refused naming the first offenders."""
     dataset = settings.dataset
+    lmdb = settings.lmdb and "volta-tsv" in settings.wanted_formats
+    bad = []
+    for uri in items:
+        try:
+            img_id = ids.volta_id(uri, dataset)
+            if lmdb:
+                ids.lmdb_key(img_id, dataset)
+        except VlprepError:
+            bad.append(str(uri))
+    if bad:
+        fix = "--no-lmdb, or the --dataset they belong to" if lmdb else "the --dataset they belong to"
+        rule = ("COCO LMDB keys need names ending in _<number> (COCO_val2014_000000000042.jpg)"
+                if dataset == "coco" else "Flickr30k names are numeric (1000092795.jpg)")
+        raise VlprepError(f"{len(bad)} of {len(items)} images do not fit the {dataset} id rule: "
+                          f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; {rule}; use {fix}")
     ids.refuse_shared_ids(items, lambda u: (output_split(ids.split_of(u), dataset), ids.volta_id(u, dataset)),
                           "a region TSV row is keyed by its output split and the image's file stem")
-    if settings.lmdb and "volta-tsv" in settings.wanted_formats:
-
-        def lmdb_entry(uri: str):
-            try:
-                return lmdb_path(ids.split_of(uri), dataset), ids.lmdb_key(ids.volta_id(uri, dataset), dataset)
-            except VlprepError:  # no LMDB key (not a COCO name): the LMDB build names the image
-                return uri
-
-        ids.refuse_shared_ids(items, lmdb_entry, f"the {dataset} LMDB is keyed by the image number")
+    if lmdb:
+        ids.refuse_shared_ids(
+            items, lambda u: (lmdb_path(ids.split_of(u), dataset), ids.lmdb_key(ids.volta_id(u, dataset), dataset)),
+            f"the {dataset} LMDB is keyed by the image number")
 
 
 def detector_for(settings: Settings, runtime: stage.Runtime):

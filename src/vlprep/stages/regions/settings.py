@@ -64,6 +64,12 @@ class Settings(stage.Settings):
         if self.arch not in ARCHS:
             raise VlprepError(f"arch {self.arch!r}: use one of {', '.join(ARCHS)}")
         self.recipe_object()  # an unknown recipe or parameter raises here
+        from vlprep.models.weights import check_spec
+
+        check_spec(self.weights, "--weights")
+        for flag, spec in (("--vocab-objects", self.vocab_objects), ("--vocab-attributes", self.vocab_attributes)):
+            if spec:
+                check_spec(spec, flag)
         return self
 
     def recipe_object(self):

@@ -14,6 +14,7 @@ import json
 import time
 
 from vlprep import VlprepError, stage, storage
+from vlprep.models import weights as wts
 from vlprep.models.matching import keys as mk
 from vlprep.stages.vokens.settings import KeySettings, check_config, is_random, keys_stage
 
@@ -39,6 +40,7 @@ def image_set_for(settings: KeySettings) -> mk.ImageSet:
 def keys_plan(out: str, settings: KeySettings, *, num_shards: int = 1, split: str = "balanced") -> list[dict]:
     """Record the settings and the set's images; plan blocks of ``batch_size`` positions."""
     check_config(settings.config)
+    wts.check_spec(settings.matcher, "--matcher")
     if settings.batch_size < 1:
         raise VlprepError(f"batch_size must be >= 1 (got {settings.batch_size})")
     image_set = image_set_for(settings)

@@ -19,6 +19,7 @@ import time
 
 from vlprep import VlprepError, stage, storage
 from vlprep.formats import vokens as fmt
+from vlprep.models import weights as wts
 from vlprep.models.matching import vokenize as vk
 from vlprep.stages.vokens import tokens as token_step
 from vlprep.stages.vokens.keys import matcher_for, sets_in
@@ -67,6 +68,7 @@ def plan(out: str, settings: VokenizeSettings, *, num_shards: int = 1, split: st
     """Check the inputs, record the settings, and plan pages of the corpus's entries."""
     from vlprep.models.matching.config import get_config
 
+    wts.check_spec(settings.matcher, "--matcher")
     key_sets = vk.load_key_sets(settings.keys, settings.image_sets, max_images=settings.max_images, with_keys=False)
     if not 1 <= settings.topk <= len(key_sets.paths):
         raise VlprepError(f"topk {settings.topk}: the key sets {', '.join(key_sets.sets)} hold {len(key_sets.paths)} "

@@ -57,6 +57,11 @@ class Settings(stage.Settings):
             raise VlprepError("arch 'tiny' has its own sizes; drop the config")
         if self.imsize and (self.kind != "grid8" or self.imsize < 32 or self.imsize % 32):
             raise VlprepError(f"imsize {self.imsize}: only grid8 takes one, a positive multiple of 32 (e.g. 448)")
+        from vlprep.models.weights import check_spec
+
+        check_spec(self.weights, "--weights")
+        if self.config:
+            check_spec(self.config, "--config")
         return self
 
     def recipe(self):
