@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -336,3 +337,33 @@ def test_32_bit_greys_above_16_bits_are_scaled_by_their_maximum():
     Image.fromarray(grey, "I").save(buf, "TIFF")
     rgb, _ = imgs.decode_rgb(buf.getvalue(), "g.tif")
     assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255 and 120 < rgb.mean() < 135
+
+
+def _h5_readers(tmp_path: Path):
+    """(the file it reads, a call that reads it) for each reader of our HDF5 formats."""
+    from vlprep.formats import ctx_h5, region_h5, vokens, xlxmert_h5
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "coco.path").write_text("a.jpg\n")
+    (keys / "coco.ids").write_text("a\n")
+    return [
+        (tmp_path / "r.h5", lambda p: next(region_h5.read_region_h5(p))),
+        (tmp_path / "x.h5", lambda p: xlxmert_h5.XlxmertH5Reader(p)),
+        (tmp_path / "vis_ctx.hdf5", lambda p: ctx_h5.read_vis_ctx(p)),
+        (tmp_path / "txt_ctx.hdf5", lambda p: ctx_h5.read_txt_ctx(p)),
+        (keys / "coco.hdf5", lambda p: vokens.read_keys(str(keys), "coco")),
+    ]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_hdf5_readers_name_a_garbage_or_truncated_file(tmp_path, damage):
+    import h5py
+
+    for path, read in _h5_readers(tmp_path):
+        with h5py.File(path, "w") as f:  # a real HDF5 of some size, then damaged
+            f.create_dataset("keys", data=np.zeros((64, 64), np.float32))
+        data = path.read_bytes()
+        path.write_bytes(os.urandom(len(data)) if damage == "garbage" else data[: len(data) // 3])
+        with pytest.raises(VlprepError, match=rf"{re.escape(path.name)}: cannot open the .*HDF5.*rerun"):
+            read(path)

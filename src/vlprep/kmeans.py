@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from vlprep import VlprepError, storage
+from vlprep.formats import open_h5
 from vlprep.progress import Progress
 
 K = 10000
@@ -107,7 +108,7 @@ def train_kmeans(
 
     With a GPU, faiss clusters the same vectors on it; that result equals the CPU one up to float rounding.
     """
-    with storage.local_copy(source) as path, h5py.File(path, "r") as f:
+    with storage.local_copy(source) as path, open_h5(path, "k-means source HDF5", name=source) as f:
         keys = list(f.keys())
         shape = feature_shape(f, keys, source)
         if shape[-1] != dim:
@@ -159,7 +160,7 @@ def assign_clusters(
     Equal to the matching rows of upstream's one search over the whole target, whatever the range.
     """
     gpu = use_gpu(gpu)
-    with storage.local_copy(target) as path, h5py.File(path, "r") as f:
+    with storage.local_copy(target) as path, open_h5(path, "k-means target HDF5", name=target) as f:
         keys = list(f.keys())
         shape = feature_shape(f, keys, target)
         cells, dim = math.prod(shape[:-1]), shape[-1]

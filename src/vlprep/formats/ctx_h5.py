@@ -35,6 +35,7 @@ import numpy as np
 
 from vlprep import VlprepError, storage
 from vlprep.data.ids import entry_name, key_order
+from vlprep.formats import open_h5
 
 XC = "xmodal-ctx"
 HV = "haav"
@@ -236,10 +237,7 @@ class CaptionDbWriter(_H5Writer):
 
 
 def _open(path: str | Path) -> h5py.File:
-    try:
-        return h5py.File(path, "r")
-    except (OSError, FileNotFoundError) as e:
-        raise VlprepError(f"{path}: cannot open as HDF5 ({e})") from None
+    return open_h5(path, "context HDF5")
 
 
 def _ids(f: h5py.File, image_ids: Iterable[int | str] | None) -> list[str]:

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from vlprep import VlprepError, storage
+from vlprep.formats import open_h5
 from vlprep.formats.volta_lmdb import MAP_SIZE, LmdbWriter, lmdb_key
 
 # H5 dataset -> (record key, dtype)
@@ -89,7 +90,7 @@ def write_region_h5(path, records: Iterable[Mapping], overwrite: bool = False) -
 
 def read_region_h5(path) -> Iterator[dict]:
     """Stream records (TSV-module keys, numpy arrays, int sizes) in h5py group order."""
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "region HDF5") as f:
         for name, group in f.items():
             try:
                 record = {"img_id": name, **{s: int(group[s][()]) for s in H5_SCALARS}}
@@ -121,7 +122,7 @@ def h5_to_lmdb(
     if dataset is not None:
         lmdb_key("0", dataset)  # reject an unknown dataset early
     with (
-        h5py.File(h5_path, "r") as f,
+        open_h5(h5_path, "region HDF5") as f,
         LmdbWriter(lmdb_path, commit_every=commit_every, map_size=map_size, overwrite=overwrite) as writer,
     ):
         names = None

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from vlprep import VlprepError, storage
+from vlprep.formats import open_h5
 
 TOKENS_DATASET = "tokens"
 KEYS_DATASET = "keys"
@@ -147,13 +148,12 @@ def read_offsets(prefix: str) -> np.ndarray:
 
 def read_token_lines(prefix: str, start: int, stop: int, offsets: np.ndarray | None = None) -> list[np.ndarray]:
     """Token ids (int32) of entries ``[start, stop)``, read with one slice of ``{prefix}.hdf5``."""
-    import h5py
 
     offsets = read_offsets(prefix) if offsets is None else offsets
     if not 0 <= start <= stop <= len(offsets) - 1:
         raise VlprepError(f"{prefix}: entries [{start}, {stop}) are outside the {len(offsets) - 1} entries")
     a, b = int(offsets[start]), int(offsets[stop])
-    with storage.local_copy(prefix + ".hdf5") as path, h5py.File(path, "r") as f:
+    with storage.local_copy(prefix + ".hdf5") as path, open_h5(path, "tokens HDF5", name=prefix + ".hdf5") as f:
         if TOKENS_DATASET not in f or f[TOKENS_DATASET].shape[0] != offsets[-1]:
             raise VlprepError(f"{prefix}.hdf5: dataset 'tokens' is missing or disagrees with {prefix}.line")
         flat = f[TOKENS_DATASET][a:b]
@@ -193,12 +193,11 @@ def read_key_names(keys_dir: str, image_set: str) -> tuple[list[str], list[str]]
 
 def read_keys(keys_dir: str, image_set: str) -> tuple[np.ndarray, list[str], list[str]]:
     """(keys (N, d) float32, paths, ids) of one image set."""
-    import h5py
 
     paths, ids = read_key_names(keys_dir, image_set)
     base = storage.join(keys_dir, image_set)
     try:
-        with storage.local_copy(base + ".hdf5") as path, h5py.File(path, "r") as f:
+        with storage.local_copy(base + ".hdf5") as path, open_h5(path, "keys HDF5", name=base + ".hdf5") as f:
             keys = np.asarray(f[KEYS_DATASET][:], dtype=np.float32)
     except (FileNotFoundError, KeyError) as e:
         raise VlprepError(f"{base}.hdf5: no dataset 'keys' ({e}); extract the keys first") from None

@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 
 from vlprep import VlprepError, storage
+from vlprep.formats import open_h5
 
 ENCODER = "maskrcnn"
 FEATURE_DIM = 2048
@@ -184,7 +185,7 @@ class XlxmertH5Reader:
 
     def __init__(self, path):
         self.path = str(path)
-        self._file = h5py.File(self.path, "r")
+        self._file = open_h5(self.path, "X-LXMERT feature HDF5")
         self._keys = list(self._file.keys())
         self.layout = self._detect() if self._keys else None
 

@@ -18,6 +18,7 @@ import json
 import time
 
 from vlprep import VlprepError, stage, storage
+from vlprep.formats import open_h5
 from vlprep.formats import vokens as fmt
 from vlprep.models import weights as wts
 from vlprep.models.matching import vokenize as vk
@@ -95,9 +96,8 @@ def plan(out: str, settings: VokenizeSettings, *, num_shards: int = 1, split: st
 
 
 def _key_dim(keys_dir: str, name: str) -> int:
-    import h5py
 
-    with storage.local_copy(storage.join(keys_dir, f"{name}.hdf5")) as path, h5py.File(path, "r") as f:
+    with storage.local_copy(storage.join(keys_dir, f"{name}.hdf5")) as path, open_h5(path, "keys HDF5", name=storage.join(keys_dir, f"{name}.hdf5")) as f:
         return int(f[fmt.KEYS_DATASET].shape[1])
 
 

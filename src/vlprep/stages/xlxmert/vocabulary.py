@@ -21,10 +21,8 @@ import logging
 import time
 from pathlib import PurePosixPath
 
-import h5py
-
 from vlprep import VlprepError, stage, storage
-from vlprep.formats import clusters
+from vlprep.formats import clusters, open_h5
 from vlprep.stages.xlxmert.extract import grid_files
 from vlprep.stages.xlxmert.settings import ASSIGN, CLUSTERS_REPORT, VOCAB, VocabSettings, extraction_stage
 
@@ -46,7 +44,7 @@ def targets(out: str, settings: VocabSettings) -> dict[str, str]:
 def _h5_facts(uri: str) -> tuple[int, tuple[int, ...]]:
     """(images, per-image feature shape) of a grid HDF5, reading only its metadata (ranged reads on gs://)."""
     try:
-        with storage.open_read(uri) as raw, h5py.File(raw, "r") as f:
+        with storage.open_read(uri) as raw, open_h5(raw, "X-LXMERT feature HDF5", name=uri) as f:
             keys = list(f.keys())
             if not keys or "features" not in f[keys[0]] or len(f[keys[0]]["features"].shape) != 3:
                 raise VlprepError(f"{uri}: no grid features (an image group with features [G, G, D]); "
