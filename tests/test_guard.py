@@ -368,3 +368,26 @@ def test_weights_spec_checked_at_plan(tmp_path, capsys, sample, weights, says):
                             "tiny", "--weights", weights])
     assert says in line
     assert not out.exists()
+
+
+def test_ctrl_c_ends_in_one_line_and_resumes(tmp_path, sample):
+    """^C (SIGINT to the process group, as a terminal sends it) during extraction: one line saying how to
+    resume, exit 130, no traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "vlprep.cli", "regions", "extract", "--images", str(sample / "images"), "--out",
+           str(out), "--arch", "tiny", "--weights", "random:0", "--workers", "0", "--shards", "3", "--no-lmdb"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": SRC})
+    plan = out / "_work" / "regions" / "plan.json"
+    deadline = time.time() + 120
+    while not plan.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert plan.exists(), "the run never planned"
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("vlprep: interrupted; rerun the same command to resume")

@@ -149,7 +149,11 @@ def test_row_5_7_list_file_lines_stay_under_their_root(tmp_path):
     lst.write_text("a/1.jpg\n/abs/4.jpg\ngs://bucket/5.jpg\n")  # absolute paths and URIs name their own place
     assert imgs.list_images(str(lst)) == sorted([str(root / "a/1.jpg"), "/abs/4.jpg", "gs://bucket/5.jpg"])
     other = tmp_path / "other"
-    assert str(other / "a/1.jpg") in imgs.list_images(str(lst), str(other))  # image_root is the root
+    # with an image root, every line must lie under it: absolute ones and URIs too
+    with pytest.raises(VlprepError, match=r"2 image path\(s\) leave .*line 2 '/abs/4.jpg'.*line 3 'gs://bucket/5.jpg'"):
+        imgs.list_images(str(lst), str(other))
+    lst.write_text(f"a/1.jpg\n{other}/b/6.jpg\n")
+    assert imgs.list_images(str(lst), str(other)) == [str(other / "a/1.jpg"), str(other / "b/6.jpg")]
 
 
 def test_repeated_paths_in_a_data_file_are_refused_not_collapsed(tmp_path):

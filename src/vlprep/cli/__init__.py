@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except VlprepError as e:
         print(f"vlprep: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("vlprep: interrupted; rerun the same command to resume (finished shards are kept)", file=sys.stderr)
+        return 130
     except OSError as e:
         reason = os_error(e)
         if reason is None:

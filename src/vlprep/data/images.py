@@ -4,7 +4,8 @@ A source is one of:
 - a directory or gs:// prefix: every image file under it (``.jpg .jpeg .png``), e.g. a COCO root with
   ``train2014/ val2014/ test2015/`` or a Flickr30k ``images/`` folder;
 - a list file (``.txt``): one path per line, relative to ``image_root`` (default: the list's folder) unless
-  absolute or a URI (kept as they are: the list names their place);
+  absolute or a URI (kept as they are: the list names their place; with an ``image_root``, they too must
+  lie under it);
 - a Karpathy split file (``.json``): ``filepath/filename`` of every entry, relative to ``image_root``
   (default: the file's folder).
 
@@ -60,7 +61,8 @@ def list_images(source: str, image_root: str = "") -> list[str]:
     if source.endswith(".json"):
         return sorted(_resolve(source, image_root or storage.parent(source), _karpathy_paths(source)))
     if source.endswith(".txt"):
-        return sorted(_resolve(source, image_root or storage.parent(source), _list_lines(source)))
+        return sorted(_resolve(source, image_root or storage.parent(source), _list_lines(source),
+                               confine_absolute=bool(image_root)))
     if storage.is_remote(source):
         items = [p for p in storage.list_prefix(source) if p.lower().endswith(EXTS)]
     else:
@@ -102,13 +104,15 @@ def _list_lines(source: str) -> list[tuple[str, str, bool]]:
     return out
 
 
-def _resolve(source: str, root: str, named: list[tuple[str, str, bool]]) -> list[str]:
-    """The URIs of ``(label, path, absolute)`` entries (relative ones below ``root``); refuses escaping or
-    repeated paths."""
+def _resolve(source: str, root: str, named: list[tuple[str, str, bool]], confine_absolute: bool = False) -> list[str]:
+    """The URIs of ``(label, path, absolute)`` entries (relative ones below ``root``; absolute ones too with
+    ``confine_absolute``: a list file given an ``--image-root``); refuses escaping or repeated paths."""
     uris, escaping, first, repeated = [], [], {}, []
     for label, path, absolute in named:
         if absolute:
             uri = path if storage.is_remote(path) else os.path.normpath(path)
+            if confine_absolute and not _inside(uri, root):
+                uri = None
         else:
             uri = image_paths.confine(root, path)
         if uri is None:
@@ -127,6 +131,11 @@ def _resolve(source: str, root: str, named: list[tuple[str, str, bool]]) -> list
         raise VlprepError(f"{source}: {len(repeated)} image(s) listed twice: {image_paths.few(repeated)}; each image "
                           "must appear once, drop the repeated entries")
     return uris
+
+
+def _inside(uri: str, root: str) -> bool:
+    base = root.rstrip("/") if storage.is_remote(root) else os.path.normpath(root).rstrip(os.sep)
+    return uri.startswith(base + "/")
 
 
 def read_image(uri: str) -> bytes:
