@@ -31,7 +31,7 @@ def _timed(name: str, device: str, items: int, work: Callable[[], object]) -> No
     t0 = time.perf_counter()
     work_sync()
     seconds = time.perf_counter() - t0
-    print(f"{name:<26} {device:<10} {items / seconds:>12.2f} items/s {seconds:>9.2f} s", flush=True)
+    print(f"{name:<26} {device:<10} {items / seconds:>12.2f} items/s {seconds:>9.3f} s", flush=True)
 
 
 def _images(n: int, quick: bool) -> list[np.ndarray]:

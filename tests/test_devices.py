@@ -112,9 +112,11 @@ def _regions(out, device_text: str) -> list[str]:
 
 
 def _files(out) -> dict[str, object]:
-    """Every file under ``out`` but the report and LMDB lock; markers without their timings."""
+    """Every file under ``out`` but the report, the LMDB lock and the holder record (the run's id and pid);
+    markers without their timings."""
     found = {}
-    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name not in ("report.html", "lock.mdb")):
+    skip = ("report.html", "lock.mdb", "holder.json")
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name not in skip):
         name = str(path.relative_to(out))
         if name.endswith(".done.json"):
             marker = json.loads(path.read_text())

@@ -17,6 +17,7 @@ import pytest
 
 from vlprep import VlprepError, stage
 from vlprep.cli import main
+from vlprep.stages.regions.settings import VOLTA_DIR
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -287,7 +288,7 @@ def test_row_6_2_a_run_taken_over_publishes_nothing(tmp_path, sample):
     assert not (out / "_work" / "regions" / "shard-00001-of-00002.done.json").exists()
     with pytest.raises(VlprepError, match="taken over by run"):
         regions.merge(str(out))
-    assert not (out / "volta").exists()
+    assert not (out / VOLTA_DIR).exists() and not (out / "lxmert").exists()
 
 
 # ------------------------------------------------------------------ 11 (2.3-2.8): leftovers of killed runs
