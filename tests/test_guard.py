@@ -380,8 +380,10 @@ def test_ctrl_c_ends_in_one_line_and_resumes(tmp_path, sample):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "vlprep.cli", "regions", "extract", "--images", str(sample / "images"), "--out",
            str(out), "--arch", "tiny", "--weights", "random:0", "--workers", "0", "--shards", "3", "--no-lmdb"]
+    # SIGINT as a terminal leaves it: a background job (CI started with &) inherits it ignored
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": SRC})
+                            env={**os.environ, "PYTHONPATH": SRC},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     plan = out / "_work" / "regions" / "plan.json"
     deadline = time.time() + 120
     while not plan.exists() and proc.poll() is None and time.time() < deadline:
