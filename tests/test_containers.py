@@ -115,8 +115,8 @@ def health(client, image: str, test: list) -> str:
 
 # keys of the records that name where and when a run happened, not what it made: digests of settings
 # that hold the output's root (fingerprint) and of shard parts whose zip records its write time (sha256),
-# and the interpreter's package versions
-RUN_RECORD_KEYS = {"fingerprint", "sha256", "versions"}
+# the interpreter's package versions, and which run held the output (the specs' run id; holder.json)
+RUN_RECORD_KEYS = {"fingerprint", "sha256", "versions", "run", "host", "pid", "started", "refreshed"}
 
 
 def timing(key: str) -> bool:
